@@ -1,0 +1,124 @@
+# Copyright 2026 The internvl3-hf authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of InternVL3 (InternViT → pixel unshuffle → MLP projector → Qwen2).
+
+This file is self-contained (torch/transformers imports only) because it is copied into checkpoints for
+`trust_remote_code` loading.
+"""
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+V2PE_MODES = ("none",)
+PS_VERSIONS = ("v1", "v2")
+
+
+class InternVL3Config(PreTrainedConfig):
+    r"""
+    Configuration of [`InternVL3ForConditionalGeneration`] / [`InternVL3Model`].
+
+    Args:
+        vision_config (`InternVLVisionConfig` or `dict`):
+            InternViT settings. InternViT-300M (InternVL3-1B…14B): `hidden_size=1024`, 24 layers, layer norm,
+            `attention_bias=True`. InternViT-6B (38B/78B): `hidden_size=3200`, 45 layers, `norm_type="rms_norm"`,
+            `use_qk_norm=True` (official `qk_normalization`), `attention_bias=False` (official `qkv_bias`).
+        text_config (`Qwen2Config` or `dict`):
+            The Qwen2 language model (official `llm_config`).
+        downsample_ratio (`float`, defaults to 0.5):
+            Pixel-unshuffle ratio: each 2×2 block of ViT patch features becomes one token of 4× the channels.
+        projector_hidden_act (`str`, defaults to `"gelu"`):
+            Activation between the two projector linears (official `mlp1.2`, exact GELU).
+        image_token_id (`int`, defaults to 151667):
+            Id of `<IMG_CONTEXT>`; these embeddings are replaced by image features.
+        image_start_token_id (`int`, defaults to 151665):
+            Id of `<img>`, which opens every image span.
+        image_end_token_id (`int`, defaults to 151666):
+            Id of `</img>`, which closes every image span.
+        image_seq_length (`int`, defaults to 256):
+            `<IMG_CONTEXT>` tokens per tile: `(force_image_size / patch_size)² · downsample_ratio²`.
+        vision_feature_layer (`int`, defaults to -1):
+            ViT layer whose output is projected (official `select_layer`); -1 is the last layer.
+        min_dynamic_patch (`int`, defaults to 1):
+            Fewest tiles an image is cut into.
+        max_dynamic_patch (`int`, defaults to 12):
+            Most tiles an image is cut into (the thumbnail is extra).
+        use_thumbnail (`bool`, defaults to `True`):
+            Append a whole-image thumbnail tile after the tiles when an image gives more than one tile.
+        dynamic_image_size (`bool`, defaults to `True`):
+            Tile images dynamically; `False` resizes every image to one `force_image_size` tile.
+        force_image_size (`int`, defaults to 448):
+            Side of a tile in pixels (the ViT input size).
+        ps_version (`str`, defaults to `"v2"`):
+            Pixel-shuffle token order. `"v2"` (InternVL2.5/3) is row-major; `"v1"` (old InternVL checkpoints)
+            emits the token grid transposed and is kept only to load those checkpoints.
+        template (`str`, defaults to `"internvl2_5"`):
+            Name of the official conversation template; the processor's chat template reproduces it.
+        system_message (`str`, *optional*):
+            Default system message. `None` or empty means the template's own default.
+        v2pe_mode (`str`, defaults to `"none"`):
+            Variable visual position encoding. `"none"` is the ordinary encoding (δ = 1), what released
+            InternVL3 checkpoints use.
+        v2pe_delta (`float`, defaults to 1.0):
+            Position increment of a visual token under V2PE; 1.0 is the ordinary encoding.
+        eos_token_id (`int` or `list[int]`, defaults to 151645):
+            Token(s) ending an assistant turn (`<|im_end|>`): `generate` stops on them by default. The LLM's own
+            `text_config.eos_token_id` (`<|endoftext|>`) is left as the checkpoint has it.
+        tie_word_embeddings (`bool`, defaults to `False`):
+            Tie `lm_head` to the input embeddings. Released InternVL3 heads are untied.
+    """
+
+    model_type = "internvl3"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+        "vision_config": InternVLVisionConfig,
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    downsample_ratio: float = 0.5
+    projector_hidden_act: str = "gelu"
+    image_token_id: int = 151667
+    image_start_token_id: int = 151665
+    image_end_token_id: int = 151666
+    image_seq_length: int = 256
+    vision_feature_layer: int = -1
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True
+    force_image_size: int = 448
+    ps_version: str = "v2"
+    template: str = "internvl2_5"
+    system_message: str | None = None
+    v2pe_mode: str = "none"
+    v2pe_delta: float = 1.0
+    eos_token_id: int | list[int] = 151645
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_internvl3()
+
+    def validate_internvl3(self) -> None:
+        """Raise a `ValueError` naming the field when the settings cannot describe a working model."""
+        if self.ps_version not in PS_VERSIONS:
+            raise ValueError(f"InternVL3Config.ps_version must be one of {PS_VERSIONS}, got {self.ps_version!r}.")
+        if self.v2pe_mode not in V2PE_MODES:
+            raise ValueError(f"InternVL3Config.v2pe_mode must be one of {V2PE_MODES}, got {self.v2pe_mode!r}.")
+        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise ValueError(
+                "InternVL3Config needs 1 <= min_dynamic_patch <= max_dynamic_patch, got "
+                f"{self.min_dynamic_patch} and {self.max_dynamic_patch}."
+            )
+        patch = self.vision_config.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        expected = round((self.force_image_size // patch) ** 2 * self.downsample_ratio**2)
+        if self.image_seq_length != expected:
+            raise ValueError(
+                f"InternVL3Config.image_seq_length={self.image_seq_length} does not match force_image_size="
+                f"{self.force_image_size}, patch_size={patch} and downsample_ratio={self.downsample_ratio}, "
+                f"which give {expected} tokens per tile."
+            )
+
+
+__all__ = ["InternVL3Config"]

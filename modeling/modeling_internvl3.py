@@ -1,0 +1,286 @@
+# Copyright 2026 The internvl3-hf authors. Licensed under the Apache License, Version 2.0.
+"""InternVL3: InternViT → drop CLS → pixel unshuffle → MLP projector → Qwen2.
+
+Self-contained (torch/transformers and sibling files only): copied into checkpoints for `trust_remote_code`.
+Parameter names follow transformers' native InternVL (`model.vision_tower.*`, `model.multi_modal_projector.*`,
+`model.language_model.*`, `lm_head`), so PEFT target names, TRL's fused LM head and the `-hf` format line up.
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.internvl.modeling_internvl import (
+    InternVLCausalLMOutputWithPast,
+    InternVLModelOutputWithPast,
+    InternVLMultiModalProjector,
+    InternVLVisionModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+from transformers.utils import logging
+from transformers.utils.import_utils import torch_compilable_check
+
+from .configuration_internvl3 import InternVL3Config
+
+logger = logging.get_logger(__name__)
+
+
+def pixel_unshuffle(features: torch.Tensor, ratio: float, ps_version: str = "v2") -> torch.Tensor:
+    """Fold each (1/ratio)² block of a `(N, S, S, C)` feature grid into the channels (official `pixel_shuffle`).
+
+    Output token (i, j) carries x[2i,2j] ‖ x[2i,2j+1] ‖ x[2i+1,2j] ‖ x[2i+1,2j+1] for ratio 0.5. `v2` emits the
+    tokens row-major; `v1` (old checkpoints) emits the grid transposed.
+    """
+    n, height, width, channels = features.shape
+    if height * ratio != int(height * ratio) or width * ratio != int(width * ratio):
+        raise ValueError(f"The ViT feature grid {height}x{width} is not divisible by 1/downsample_ratio={1 / ratio}.")
+    x = features.reshape(n, height, int(width * ratio), int(channels / ratio))
+    x = x.permute(0, 2, 1, 3)
+    x = x.reshape(n, int(width * ratio), int(height * ratio), int(channels / (ratio * ratio)))
+    if ps_version == "v2":
+        x = x.permute(0, 2, 1, 3)
+    return x.contiguous()
+
+
+def describe_image_token_mismatch(
+    image_token_mask: torch.Tensor, num_tiles: int, tokens_per_tile: int, image_num_patches: torch.Tensor | None
+) -> str:
+    """Explain, per sample, why `<IMG_CONTEXT>` tokens and image features disagree."""
+    per_sample = image_token_mask.reshape(image_token_mask.shape[0], -1).sum(-1).tolist()
+    lines = [
+        f"Image features and image tokens do not match: input_ids hold {sum(per_sample)} <IMG_CONTEXT> tokens "
+        f"(per sample: {per_sample}) but pixel_values holds {num_tiles} tiles x {tokens_per_tile} tokens = "
+        f"{num_tiles * tokens_per_tile} image features."
+    ]
+    for index, count in enumerate(per_sample):
+        if count % tokens_per_tile:
+            lines.append(
+                f"Sample {index} has {count} <IMG_CONTEXT> tokens, not a multiple of {tokens_per_tile}: an image span "
+                "was cut, most likely by truncation."
+            )
+    covered = 0
+    for index, count in enumerate(per_sample):
+        covered += count
+        if covered > num_tiles * tokens_per_tile:
+            lines.append(f"Sample {index} is the first whose image tokens have no pixel_values left.")
+            break
+    if image_num_patches is not None:
+        lines.append(f"image_num_patches (tiles per image) = {image_num_patches.tolist()}.")
+    lines.append(
+        "Build inputs with the InternVL3 processor (each <image> becomes <img> + <IMG_CONTEXT> x "
+        f"{tokens_per_tile}·tiles + </img>) and pass the pixel_values of exactly those images; never truncate "
+        "inside an image span."
+    )
+    return " ".join(lines)
+
+
+class InternVL3TextModel(Qwen2Model):
+    """The Qwen2 decoder of InternVL3; its own class so that V2PE positions can be fed to the rotary path."""
+
+
+class InternVL3PreTrainedModel(PreTrainedModel):
+    config: InternVL3Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        # The plugin format stores the in-memory (native) key names; the official layout is an explicit export.
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+
+class InternVL3Model(InternVL3PreTrainedModel):
+    """Vision tower, projector and Qwen2 decoder, without the LM head."""
+
+    def __init__(self, config: InternVL3Config):
+        super().__init__(config)
+        if config.ps_version == "v1":
+            logger.warning_once(
+                "ps_version='v1' transposes the image token grid; it exists only for old InternVL checkpoints. "
+                "InternVL2.5/3 use 'v2'."
+            )
+        self.vision_tower = InternVLVisionModel(config.vision_config)
+        self.multi_modal_projector = InternVLMultiModalProjector(config)
+        self.language_model = InternVL3TextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Project tiles `(num_tiles, 3, S, S)` to LLM embeddings `(num_tiles, image_seq_length, hidden)`."""
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        layer = self.config.vision_feature_layer
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1, **kwargs)
+        features = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+        features = features[:, 1:, :]  # drop CLS
+        side = int(features.shape[1] ** 0.5)
+        features = features.reshape(features.shape[0], side, side, features.shape[-1])
+        features = pixel_unshuffle(features, self.config.downsample_ratio, self.config.ps_version)
+        features = features.reshape(features.shape[0], -1, features.shape[-1])
+        return self.multi_modal_projector(features)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `(batch, seq)` mask of the `<IMG_CONTEXT>` positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def merge_image_features(
+        self,
+        inputs_embeds: torch.Tensor,
+        image_token_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        image_num_patches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write the image features over the `<IMG_CONTEXT>` embeddings, refusing any count mismatch."""
+        num_tiles, tokens_per_tile = image_features.shape[:2]
+        torch_compilable_check(
+            image_token_mask.sum() == num_tiles * tokens_per_tile,
+            lambda: describe_image_token_mismatch(image_token_mask, num_tiles, tokens_per_tile, image_num_patches),
+        )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_num_patches: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> InternVLModelOutputWithPast:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(num_tiles, 3, force_image_size, force_image_size)`, *optional*):
+            All tiles of all images of the batch, in the order their `<image>` spans appear (thumbnail last per
+            image). Only needed on prefill.
+        image_num_patches (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            Tiles per image, as returned by the processor; checked against `pixel_values` and used in errors.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("InternVL3Model.forward needs exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            if image_num_patches is not None and int(image_num_patches.sum()) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"image_num_patches {image_num_patches.tolist()} sums to {int(image_num_patches.sum())} tiles but "
+                    f"pixel_values holds {pixel_values.shape[0]} tiles."
+                )
+            image_features = self.get_image_features(pixel_values)
+            image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            inputs_embeds = self.merge_image_features(
+                inputs_embeds, image_token_mask, image_features, image_num_patches
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return InternVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin):
+    """InternVL3 with the language-modelling head; `generate` feeds images on prefill only."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: InternVL3Config):
+        super().__init__(config)
+        self.model = InternVL3Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_num_patches: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> InternVLCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Next-token targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            Compute logits only for the last `logits_to_keep` positions (0 = all), or for the given indices.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_num_patches=image_num_patches,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return InternVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = ["InternVL3Model", "InternVL3ForConditionalGeneration", "InternVL3PreTrainedModel", "pixel_unshuffle"]

@@ -1,0 +1,101 @@
+"""Tiny InternVL3 parts built locally, deterministically and without downloads: for tests, demos and benchmarks.
+
+The tokenizer is a real Qwen2 byte-level BPE (trained in milliseconds on an embedded corpus) carrying the same
+special tokens, in the same order, as the released InternVL3 tokenizer; ids are small so that models stay tiny.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
+
+from .modeling.configuration_internvl3 import InternVL3Config
+
+# Same order as Qwen2 (151643..) followed by InternVL's (151665..): only the offsets differ.
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+INTERNVL_SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A red circle sits left of a blue square.
+How many shapes are in the image? There are three shapes: two triangles and one circle.
+Describe the image in detail. The picture shows a green triangle on a white background.
+What colour is the square? The square is yellow. Answer the question step by step.
+Step 1: count the red shapes. Step 2: count the blue shapes. Step 3: add them. The answer is 5.
+user assistant system image video frame question answer please thanks hello world.
+You are a helpful assistant. Frame1: Frame2: Image-1: Image-2: 0 1 2 3 4 5 6 7 8 9 + - = ?
+你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer with InternVL3's special tokens; the same every call."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[QWEN_SPECIAL_TOKENS[0]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    model_state = json.loads(bpe.model.__getstate__())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model_state["vocab"], merges=merges)
+    tokenizer.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:] + INTERNVL_SPECIAL_TOKENS),
+        }
+    )
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.model_max_length = 8192
+    return tokenizer
+
+
+def tiny_config(tokenizer: Qwen2Tokenizer | None = None, *, image_size: int = 28, **overrides) -> InternVL3Config:
+    """A few-hundred-thousand-parameter InternVL3 config whose token ids match `tokenizer`.
+
+    `image_size=28` with patch 7 gives a 4×4 ViT grid → 4 image tokens per tile (`image_seq_length`).
+    """
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    patch = 7
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_bias=True,
+        image_size=image_size,
+        patch_size=patch,
+        layer_scale_init_value=0.1,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _TOKEN_FIELDS.items()}
+    settings = dict(
+        vision_config=vision,
+        text_config=text,
+        force_image_size=image_size,
+        image_seq_length=(image_size // patch) ** 2 // 4,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        **ids,
+    )
+    settings.update(overrides)
+    return InternVL3Config(**settings)
+
+
+_TOKEN_FIELDS = {"image_token_id": "<IMG_CONTEXT>", "image_start_token_id": "<img>", "image_end_token_id": "</img>"}
