@@ -121,4 +121,6 @@ class InternVL3Config(PreTrainedConfig):
             )
 
 
+InternVL3Config.register_for_auto_class()
+
 __all__ = ["InternVL3Config"]

@@ -25,6 +25,13 @@ from .configuration_internvl3 import InternVL3Config
 
 logger = logging.get_logger(__name__)
 
+PLUGIN_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl3.InternVL3Config",
+    "AutoModel": "modeling_internvl3.InternVL3Model",
+    "AutoModelForImageTextToText": "modeling_internvl3.InternVL3ForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_internvl3.InternVL3ForConditionalGeneration",
+}
+
 
 def pixel_unshuffle(features: torch.Tensor, ratio: float, ps_version: str = "v2") -> torch.Tensor:
     """Fold each (1/ratio)² block of a `(N, S, S, C)` feature grid into the channels (official `pixel_shuffle`).
@@ -94,7 +101,9 @@ class InternVL3PreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        # The plugin format stores the in-memory (native) key names; the official layout is an explicit export.
+        # The plugin format stores the in-memory (native) key names (the official layout is an explicit export)
+        # and carries this code, so every Auto class resolves under trust_remote_code without the package.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **PLUGIN_AUTO_MAP}
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
 
@@ -282,5 +291,8 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
             image_hidden_states=outputs.image_hidden_states,
         )
 
+
+InternVL3Model.register_for_auto_class("AutoModel")
+InternVL3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["InternVL3Model", "InternVL3ForConditionalGeneration", "InternVL3PreTrainedModel", "pixel_unshuffle"]

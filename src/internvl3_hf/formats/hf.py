@@ -1,0 +1,110 @@
+"""The transformers-native `-hf` format (`InternVLForConditionalGeneration`, `model_type: internvl`).
+
+Reading: `load_hf_config` turns a native `InternVLConfig` into an `InternVL3Config`; the weights' on-disk names are
+renamed by `keys.HF_KEY_TABLE`, registered with transformers' loader, so
+`InternVL3ForConditionalGeneration.from_pretrained(hf_dir, config=load_hf_config(hf_dir))` reads them directly.
+Writing: `save_hf` hands the weights to transformers' own `InternVLForConditionalGeneration` and lets it save,
+so the result is exactly what transformers writes and reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+
+from ..modeling.configuration_internvl3 import InternVL3Config
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def plugin_config_to_hf(config: InternVL3Config) -> InternVLConfig:
+    """The native config with the same architecture (tiling settings live in its image processor)."""
+    if config.ps_version != "v2":
+        raise ValueError("transformers' native InternVL implements only ps_version='v2'; this model uses 'v1'.")
+    text_config = config.text_config.to_dict()
+    text_config["eos_token_id"] = config.eos_token_id
+    return InternVLConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=text_config,
+        image_token_id=config.image_token_id,
+        image_seq_length=config.image_seq_length,
+        downsample_ratio=config.downsample_ratio,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=config.tie_word_embeddings,
+        dtype=config.dtype,
+    )
+
+
+def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> InternVL3Config:
+    """An `InternVL3Config` from a native `config.json` dict (and its `preprocessor_config.json`, if any)."""
+    if config_dict.get("model_type") != "internvl":
+        raise ValueError(f"Expected a transformers InternVL config (model_type 'internvl'), got {config_dict.get('model_type')!r}.")
+    if config_dict.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError("Only vision_feature_select_strategy='default' (drop the CLS token) matches InternVL3.")
+    text_config = dict(config_dict.get("text_config") or {})
+    settings = dict(
+        vision_config=config_dict.get("vision_config") or {},
+        text_config=text_config,
+        image_token_id=config_dict.get("image_token_id", 151667),
+        image_seq_length=config_dict.get("image_seq_length", 256),
+        downsample_ratio=config_dict.get("downsample_ratio", 0.5),
+        projector_hidden_act=config_dict.get("projector_hidden_act", "gelu"),
+        vision_feature_layer=config_dict.get("vision_feature_layer", -1),
+        tie_word_embeddings=config_dict.get("tie_word_embeddings", True),
+        eos_token_id=text_config.get("eos_token_id", 151645),
+    )
+    image_size = (config_dict.get("vision_config") or {}).get("image_size", 448)
+    settings["force_image_size"] = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    if preprocessor:
+        settings.update(
+            min_dynamic_patch=preprocessor.get("min_patches", 1),
+            max_dynamic_patch=preprocessor.get("max_patches", 12),
+            dynamic_image_size=preprocessor.get("crop_to_patches", True),
+        )
+    return InternVL3Config(**settings)
+
+
+def load_hf_config(path: str | Path) -> InternVL3Config:
+    """Read `config.json` (+ `preprocessor_config.json`) of a local `-hf` directory into an `InternVL3Config`."""
+    path = Path(path)
+    preprocessor_file = path / "preprocessor_config.json"
+    preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.exists() else None
+    return hf_config_to_plugin(json.loads((path / "config.json").read_text()), preprocessor)
+
+
+def to_native_model(model) -> InternVLForConditionalGeneration:
+    """A native model sharing `model`'s tensors (no copy): in-memory parameter names are identical by design."""
+    with torch.device("meta"):
+        native = InternVLForConditionalGeneration(plugin_config_to_hf(model.config))
+    native.load_state_dict(model.state_dict(), strict=True, assign=True)
+    native.generation_config = model.generation_config
+    return native.eval()
+
+
+def save_hf(model, save_directory: str | Path, processor=None) -> Path:
+    """Write `model` (and processor) so that `transformers.InternVLForConditionalGeneration` loads it."""
+    save_directory = Path(save_directory)
+    to_native_model(model).save_pretrained(save_directory)
+    if processor is not None:
+        config = model.config
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": config.force_image_size, "width": config.force_image_size},
+            crop_to_patches=config.dynamic_image_size,
+            min_patches=config.min_dynamic_patch,
+            max_patches=config.max_dynamic_patch,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+        InternVLProcessor(
+            image_processor=image_processor,
+            tokenizer=processor.tokenizer,
+            image_seq_length=config.image_seq_length,
+            chat_template=processor.chat_template,
+        ).save_pretrained(save_directory)
+    return save_directory
