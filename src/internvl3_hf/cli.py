@@ -1,0 +1,65 @@
+"""`internvl3-hf` command line: a thin face over the package's public functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .formats.convert import convert, detect_format
+
+    source_format = detect_format(args.source)
+    destination = convert(args.source, args.destination, args.to)
+    print(f"converted {args.source} ({source_format}) -> {destination} ({args.to})")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .chat import chat
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    chat(model, processor, args.question, args.image, stream=True, max_new_tokens=args.max_new_tokens, do_sample=False)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo_chat import run_demo
+
+    run_demo(args.output, max_new_tokens=args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internvl3-hf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint between plugin, official and -hf formats")
+    convert.add_argument("source", help="checkpoint directory in any supported format")
+    convert.add_argument("destination", help="output directory")
+    convert.add_argument("--to", choices=("plugin", "official", "hf"), default="plugin")
+    convert.set_defaults(func=_convert)
+
+    chat = commands.add_parser("chat", help="ask a question about images with a local checkpoint")
+    chat.add_argument("--model", required=True, help="checkpoint directory (plugin or official format)")
+    chat.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("question")
+    chat.set_defaults(func=_chat)
+
+    demo = commands.add_parser("demo", help="build a tiny InternVL3 locally and chat with it about an image")
+    demo.add_argument("--output", default="demo_out", help="where the tiny checkpoint is written")
+    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Load a checkpoint in any supported format and write it in any other (`internvl3-hf convert`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from . import hf, official
+
+FORMATS = ("plugin", "official", "hf")
+MODEL_TYPE_TO_FORMAT = {"internvl3": "plugin", "internvl_chat": "official", "internvl": "hf"}
+
+
+def detect_format(path: str | Path) -> str:
+    """`plugin`, `official` or `hf`, from the `model_type` of `path/config.json`."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: expected a local checkpoint directory.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in MODEL_TYPE_TO_FORMAT:
+        raise ValueError(
+            f"{config_file} has model_type {model_type!r}; expected one of {sorted(MODEL_TYPE_TO_FORMAT)} "
+            "(internvl3-hf plugin, official OpenGVLab InternVL, transformers-native InternVL)."
+        )
+    return MODEL_TYPE_TO_FORMAT[model_type]
+
+
+def load_checkpoint(path: str | Path, **from_pretrained_kwargs) -> InternVL3ForConditionalGeneration:
+    """Load an InternVL3 checkpoint of any supported format into the plugin's model class."""
+    if detect_format(path) == "hf":
+        from_pretrained_kwargs.setdefault("config", hf.load_hf_config(path))
+    return InternVL3ForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+
+
+def load_processor(path: str | Path, model_config):
+    """The plugin processor for a checkpoint of any supported format (`None` if it ships no tokenizer)."""
+    from ..modeling.processing_internvl3 import InternVL3Processor
+
+    path = Path(path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    if detect_format(path) == "hf":
+        return InternVL3Processor.from_model_config(path, model_config)
+    return InternVL3Processor.from_pretrained(path)
+
+
+def save_checkpoint(model, processor, save_directory: str | Path, to: str) -> Path:
+    """Write `model` (and `processor`) in format `to`: `plugin` (default `save_pretrained`), `official` or `hf`."""
+    if to not in FORMATS:
+        raise ValueError(f"Unknown checkpoint format {to!r}; choose one of {FORMATS}.")
+    save_directory = Path(save_directory)
+    if to == "official":
+        return official.save_official(model, save_directory, processor)
+    if to == "hf":
+        return hf.save_hf(model, save_directory, processor)
+    model.save_pretrained(save_directory)
+    if processor is not None:
+        processor.save_pretrained(save_directory)
+    return save_directory
+
+
+def convert(source: str | Path, destination: str | Path, to: str) -> Path:
+    """Read `source` in whatever format it is and write it to `destination` in format `to`, dtype unchanged."""
+    model = load_checkpoint(source, dtype="auto")
+    processor = load_processor(source, model.config)
+    return save_checkpoint(model, processor, destination, to)
