@@ -1,0 +1,58 @@
+"""transformers-native `-hf` format: exported for `InternVLForConditionalGeneration`, read back bit-exactly."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration
+
+from internvl3_hf import InternVL3ForConditionalGeneration
+from internvl3_hf.formats.convert import detect_format, load_checkpoint
+from internvl3_hf.formats.hf import save_hf
+from internvl3_hf.tiny import tiny_config
+
+
+def _tiny_model(tokenizer, **overrides) -> InternVL3ForConditionalGeneration:
+    torch.manual_seed(0)
+    return InternVL3ForConditionalGeneration(tiny_config(tokenizer, **overrides)).eval()
+
+
+def _inputs(config) -> dict:
+    image = [config.image_start_token_id] + [config.image_token_id] * 8 + [config.image_end_token_id]
+    return {"input_ids": torch.tensor([[5, 6, *image, 7, 8]]), "pixel_values": torch.randn(2, 3, 28, 28)}
+
+
+def test_hf_export_loads_in_transformers_native_class_with_equal_logits(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer)
+    save_hf(model, tmp_path / "hf")
+    assert detect_format(tmp_path / "hf") == "hf"
+    native, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs = _inputs(model.config)
+    torch.testing.assert_close(native(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+    # The on-disk layout is transformers' own (what OpenGVLab/InternVL3-*-hf repositories hold).
+    keys = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "language_model.lm_head.weight" in keys
+    assert any(key.startswith("vision_tower.encoder.layer.0.attention.q_proj") for key in keys)
+
+
+def test_plugin_to_hf_to_plugin_is_bit_exact(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer)
+    save_hf(model, tmp_path / "hf")
+    loaded, info = load_checkpoint(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    loaded.save_pretrained(tmp_path / "plugin")
+    again = InternVL3ForConditionalGeneration.from_pretrained(tmp_path / "plugin")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+    for field in ("image_token_id", "image_seq_length", "downsample_ratio", "tie_word_embeddings", "eos_token_id"):
+        assert getattr(again.config, field) == getattr(model.config, field), field
+
+
+def test_hf_round_trip_keeps_tied_heads_tied(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer, tie_word_embeddings=True)
+    save_hf(model, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    loaded = load_checkpoint(tmp_path / "hf")
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
