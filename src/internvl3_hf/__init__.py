@@ -6,15 +6,19 @@ OpenGVLab `internvl_chat` config, and lets `from_pretrained` read official and `
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .formats import register_checkpoint_formats
 from .formats.official import InternVLChatConfig
 from .modeling.configuration_internvl3 import InternVL3Config
+from .modeling.image_processing_internvl3 import InternVL3ImageProcessor
 from .modeling.modeling_internvl3 import InternVL3ForConditionalGeneration, InternVL3Model, InternVL3PreTrainedModel
+from .modeling.processing_internvl3 import InternVL3Processor
 
 
 def _register() -> None:
@@ -23,6 +27,8 @@ def _register() -> None:
     AutoModel.register(InternVL3Config, InternVL3Model, exist_ok=True)
     AutoModelForImageTextToText.register(InternVL3Config, InternVL3ForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(InternVL3Config, InternVL3ForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(InternVL3Config, InternVL3Processor, exist_ok=True)
+    AutoImageProcessor.register(InternVL3Config, image_processor_classes={"pil": InternVL3ImageProcessor}, exist_ok=True)
     register_checkpoint_formats()
 
 
@@ -31,6 +37,8 @@ _register()
 __all__ = [
     "InternVL3Config",
     "InternVL3ForConditionalGeneration",
+    "InternVL3ImageProcessor",
+    "InternVL3Processor",
     "InternVL3Model",
     "InternVL3PreTrainedModel",
     "InternVLChatConfig",

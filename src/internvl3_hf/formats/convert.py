@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from ..modeling.processing_internvl3 import InternVL3Processor
+from ..processing import processor_for_config
 from . import hf, official
 
 FORMATS = ("plugin", "official", "hf")
@@ -35,13 +39,12 @@ def load_checkpoint(path: str | Path, **from_pretrained_kwargs) -> InternVL3ForC
 
 def load_processor(path: str | Path, model_config):
     """The plugin processor for a checkpoint of any supported format (`None` if it ships no tokenizer)."""
-    from ..modeling.processing_internvl3 import InternVL3Processor
-
     path = Path(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
     if detect_format(path) == "hf":
-        return InternVL3Processor.from_model_config(path, model_config)
+        # transformers' InternVLProcessor needs torchvision; the tiling settings are already in the model config.
+        return processor_for_config(AutoTokenizer.from_pretrained(path), model_config)
     return InternVL3Processor.from_pretrained(path)
 
 

@@ -13,12 +13,19 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
 
 from ..modeling.configuration_internvl3 import InternVL3Config
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# Tokenizer attributes transformers' InternVLProcessor reads (`tokenizer.start_image_token`, ...).
+HF_TOKENIZER_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
 
 
 def plugin_config_to_hf(config: InternVL3Config) -> InternVLConfig:
@@ -92,19 +99,33 @@ def save_hf(model, save_directory: str | Path, processor=None) -> Path:
     save_directory = Path(save_directory)
     to_native_model(model).save_pretrained(save_directory)
     if processor is not None:
-        config = model.config
-        image_processor = GotOcr2ImageProcessorPil(
-            size={"height": config.force_image_size, "width": config.force_image_size},
-            crop_to_patches=config.dynamic_image_size,
-            min_patches=config.min_dynamic_patch,
-            max_patches=config.max_dynamic_patch,
-            image_mean=IMAGENET_MEAN,
-            image_std=IMAGENET_STD,
-        )
-        InternVLProcessor(
-            image_processor=image_processor,
-            tokenizer=processor.tokenizer,
-            image_seq_length=config.image_seq_length,
-            chat_template=processor.chat_template,
-        ).save_pretrained(save_directory)
+        save_hf_processor(processor, model.config, save_directory)
     return save_directory
+
+
+def save_hf_processor(processor, config: InternVL3Config, save_directory: Path) -> None:
+    """Write the files `transformers.InternVLProcessor.from_pretrained` reads.
+
+    Written file by file: constructing `InternVLProcessor` itself requires torchvision (its video processor).
+    """
+    GotOcr2ImageProcessorPil(
+        size={"height": config.force_image_size, "width": config.force_image_size},
+        crop_to_patches=config.dynamic_image_size,
+        min_patches=config.min_dynamic_patch,
+        max_patches=config.max_dynamic_patch,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    ).save_pretrained(save_directory)
+    processor.tokenizer.save_pretrained(save_directory)
+    tokenizer_config_file = save_directory / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_file.read_text())
+    tokenizer_config["extra_special_tokens"] = dict(HF_TOKENIZER_SPECIAL_TOKENS)
+    tokenizer_config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    processor_config = {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}
+    (save_directory / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    (save_directory / "chat_template.jinja").write_text(hf_chat_template(processor.chat_template))
+
+
+def hf_chat_template(template: str) -> str:
+    """The plugin template with the native processor's placeholders (`<IMG_CONTEXT>` per image, `<video>`)."""
+    return template.replace("<image>", "<IMG_CONTEXT>")

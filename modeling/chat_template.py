@@ -1,0 +1,95 @@
+# Copyright 2026 The internvl3-hf authors. Licensed under the Apache License, Version 2.0.
+"""The official `internvl2_5` conversation template as a Jinja chat template.
+
+Self-contained (stdlib only): copied into checkpoints for `trust_remote_code`.
+
+Rendering, byte for byte as `internvl/conversation.py` (MPT style) builds it (one line, wrapped here):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n...
+
+plus `<|im_start|>assistant\\n` when `add_generation_prompt`. A message with empty content renders its role header
+only, as the official template does. Images render as `<image>\\n` where they appear in the content; when the
+conversation holds more than one image each becomes `Image-{k}: <image>\\n` (k counts over the whole conversation,
+the official multi-image prompt). A video renders as `<video>\\n`; the processor expands it into `Frame{i}: ...` lines.
+"""
+
+import json
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+# `__DEFAULT_SYSTEM_MESSAGE__` is replaced by a JSON string literal, which is also a valid Jinja string literal.
+_TEMPLATE = """\
+{%- set ns = namespace(images=0, image_index=0, system=__DEFAULT_SYSTEM_MESSAGE__) -%}
+{%- for message in messages -%}
+    {%- if message['content'] is not string -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system = messages[0]['content'] -%}
+    {%- if system is not string -%}
+        {%- set parts = namespace(text='') -%}
+        {%- for item in system -%}
+            {%- if item['type'] != 'text' -%}
+                {{- raise_exception('A system message may only hold text, found a ' ~ item['type'] ~ ' item.') -}}
+            {%- endif -%}
+            {%- set parts.text = parts.text ~ item['text'] -%}
+        {%- endfor -%}
+        {%- set system = parts.text -%}
+    {%- endif -%}
+    {%- if system -%}{%- set ns.system = system -%}{%- endif -%}
+{%- endif -%}
+{{- '<|im_start|>system\\n' ~ ns.system ~ '<|im_end|>\\n' -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}
+            {{- raise_exception('Only the first message may have the system role.') -}}
+        {%- endif -%}
+    {%- elif message['role'] in ['user', 'assistant'] -%}
+        {%- set turn = namespace(text='') -%}
+        {%- if message['content'] is string -%}
+            {%- set turn.text = message['content'] -%}
+        {%- else -%}
+            {%- for item in message['content'] -%}
+                {%- if item['type'] == 'image' -%}
+                    {%- set ns.image_index = ns.image_index + 1 -%}
+                    {%- if ns.images > 1 -%}
+                        {%- set turn.text = turn.text ~ 'Image-' ~ ns.image_index ~ ': <image>\\n' -%}
+                    {%- else -%}
+                        {%- set turn.text = turn.text ~ '<image>\\n' -%}
+                    {%- endif -%}
+                {%- elif item['type'] == 'video' -%}
+                    {%- set turn.text = turn.text ~ '<video>\\n' -%}
+                {%- elif item['type'] == 'text' -%}
+                    {%- set turn.text = turn.text ~ item['text'] -%}
+                {%- else -%}
+                    {{- raise_exception('Unsupported content type ' ~ item['type'] ~ '; use text, image or video.') -}}
+                {%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}
+        {%- if turn.text -%}{{- turn.text ~ '<|im_end|>\\n' -}}{%- endif -%}
+    {%- else -%}
+        {{- raise_exception('Unsupported role ' ~ message['role'] ~ '; InternVL3 knows system, user and assistant.') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
+"""
+
+
+def build_chat_template(default_system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
+    """The chat template with `default_system_message` used when a conversation has no (or an empty) system turn.
+
+    Official configs with a non-null `system_message` override the template's default this way.
+    """
+    return _TEMPLATE.replace("__DEFAULT_SYSTEM_MESSAGE__", json.dumps(default_system_message, ensure_ascii=False))
+
+
+CHAT_TEMPLATE = build_chat_template()
+
+__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_MESSAGE", "build_chat_template"]
