@@ -5,9 +5,16 @@ This file is self-contained (torch/transformers imports only) because it is copi
 `trust_remote_code` loading.
 """
 
+from collections.abc import Callable
+
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+# model_type → reader turning a config dict of that type into `InternVL3Config` keyword arguments. The
+# `internvl3_hf` package registers the official (`internvl_chat`) and transformers-native (`internvl`) readers, so
+# `InternVL3ForConditionalGeneration.from_pretrained` reads those checkpoints directly.
+FOREIGN_CONFIG_READERS: dict[str, Callable[[dict], dict]] = {}
 
 V2PE_MODES = ("none",)
 PS_VERSIONS = ("v1", "v2")
@@ -94,6 +101,11 @@ class InternVL3Config(PreTrainedConfig):
     v2pe_delta: float = 1.0
     eos_token_id: int | list[int] = 151645
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "InternVL3Config":
+        reader = FOREIGN_CONFIG_READERS.get(config_dict.get("model_type"))
+        return super().from_dict(reader(config_dict) if reader is not None else config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -6,10 +6,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForImageTextToText
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import internvl3_hf  # noqa: F401  (registers internvl3 / internvl_chat)
-from internvl3_hf import InternVL3Config, InternVL3ForConditionalGeneration
+from internvl3_hf import InternVL3Config, InternVL3ForConditionalGeneration, InternVL3Processor
 from internvl3_hf.formats.official import official_config_to_plugin, plugin_config_to_official, save_official
 from internvl3_hf.tiny import tiny_config
 
@@ -109,6 +110,11 @@ def official_config_dict(config: InternVL3Config) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "hidden_size": text.hidden_size,
+        # The tiny tokenizer's ids; a released config omits these (151667/151665/151666, <|im_end|> 151645).
+        "image_token_id": config.image_token_id,
+        "image_start_token_id": config.image_start_token_id,
+        "image_end_token_id": config.image_end_token_id,
+        "eos_token_id": config.eos_token_id,
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -174,7 +180,7 @@ def test_official_checkpoint_loads_through_auto_class_with_no_missing_keys(offic
         assert torch.equal(model.state_dict()[key], tensor), key
 
 
-def test_official_config_is_read_into_internvl3_config(official_dir):
+def test_official_config_is_read_into_internvl3_config(official_dir, tokenizer):
     directory, _ = official_dir
     config = AutoConfig.from_pretrained(directory)
     assert type(config) is InternVL3Config
@@ -183,7 +189,7 @@ def test_official_config_is_read_into_internvl3_config(official_dir):
     assert config.vision_config.attention_bias is True and config.vision_config.layer_scale_init_value == 0.1
     assert config.vision_config.drop_path_rate == 0.1
     assert config.text_config.rope_parameters["rope_type"] == "dynamic"
-    assert config.eos_token_id == 151645  # official chat() stops on <|im_end|>
+    assert config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_official_to_plugin_to_official_is_bit_exact(official_dir, tmp_path):
@@ -218,6 +224,18 @@ def test_plugin_config_exports_back_to_an_equivalent_official_config(official_di
     assert again.to_diff_dict() == config.to_diff_dict()
 
 
+def test_released_official_config_implies_the_internvl3_token_ids(official_dir):
+    directory, _ = official_dir
+    config = json.loads((directory / "config.json").read_text())
+    for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "eos_token_id"):
+        del config[name]
+    plugin = InternVL3Config.from_dict(config)
+    assert (plugin.image_start_token_id, plugin.image_end_token_id, plugin.image_token_id) == (151665, 151666, 151667)
+    assert plugin.eos_token_id == 151645
+    exported = plugin_config_to_official(plugin)
+    assert not {"image_token_id", "image_start_token_id", "image_end_token_id", "eos_token_id"} & exported.keys()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -233,3 +251,27 @@ def test_unsupported_official_configs_are_refused_clearly(official_dir, change, 
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape(message)):
         AutoConfig.from_pretrained(directory)
+
+
+def test_plugin_class_reads_official_checkpoint_directly(official_dir):
+    directory, reference = official_dir
+    model = InternVL3ForConditionalGeneration.from_pretrained(directory)
+    assert model.config.vision_feature_layer == -1 and model.config.image_seq_length == 4
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_auto_processor_reads_official_directory_without_processor_files(official_dir):
+    directory, reference = official_dir
+    processor = AutoProcessor.from_pretrained(directory)
+    assert isinstance(processor, InternVL3Processor)
+    assert processor.image_seq_length == 4 and processor.image_processor.max_patches == 12
+    assert processor.image_processor.size.height == 28
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
+    inputs = processor(text=prompt, images=[Image.new("RGB", (56, 28), "red")], return_tensors="pt")
+    assert inputs["image_num_patches"].tolist() == [3]  # 2x1 grid + thumbnail
+    assert int((inputs["input_ids"] == reference.config.image_token_id).sum()) == 12
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

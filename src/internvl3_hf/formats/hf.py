@@ -48,8 +48,8 @@ def plugin_config_to_hf(config: InternVL3Config) -> InternVLConfig:
     )
 
 
-def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> InternVL3Config:
-    """An `InternVL3Config` from a native `config.json` dict (and its `preprocessor_config.json`, if any)."""
+def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> dict:
+    """`InternVL3Config` keyword arguments for a native `config.json` dict (and its `preprocessor_config.json`)."""
     if config_dict.get("model_type") != "internvl":
         raise ValueError(f"Expected a transformers InternVL config (model_type 'internvl'), got {config_dict.get('model_type')!r}.")
     if config_dict.get("vision_feature_select_strategy", "default") != "default":
@@ -74,7 +74,7 @@ def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> 
             max_dynamic_patch=preprocessor.get("max_patches", 12),
             dynamic_image_size=preprocessor.get("crop_to_patches", True),
         )
-    return InternVL3Config(**settings)
+    return settings
 
 
 def load_hf_config(path: str | Path) -> InternVL3Config:
@@ -82,7 +82,7 @@ def load_hf_config(path: str | Path) -> InternVL3Config:
     path = Path(path)
     preprocessor_file = path / "preprocessor_config.json"
     preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.exists() else None
-    return hf_config_to_plugin(json.loads((path / "config.json").read_text()), preprocessor)
+    return InternVL3Config(**hf_config_to_plugin(json.loads((path / "config.json").read_text()), preprocessor))
 
 
 def to_native_model(model) -> InternVLForConditionalGeneration:

@@ -19,7 +19,14 @@ from transformers import InternVLVisionConfig, Qwen2Config
 from ..modeling.configuration_internvl3 import InternVL3Config
 from .keys import OFFICIAL_KEY_TABLE, OFFICIAL_QKV, PLUGIN_QKV, rename_key
 
-IM_END_TOKEN_ID = 151645  # `<|im_end|>` of every Qwen2-based InternVL3 tokenizer; official chat() stops on it.
+# Token ids an official config.json leaves implicit: every Qwen2-based InternVL3 tokenizer has them, and the official
+# chat() looks them up in the tokenizer. An export writes one only when a model differs (e.g. a tiny test model).
+IMPLICIT_TOKEN_IDS = {
+    "image_token_id": 151667,  # <IMG_CONTEXT>
+    "image_start_token_id": 151665,  # <img>
+    "image_end_token_id": 151666,  # </img>
+    "eos_token_id": 151645,  # <|im_end|>: chat() stops on it
+}
 OFFICIAL_AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
@@ -96,8 +103,8 @@ def official_config_to_plugin(config_dict: dict) -> dict:
         text_config=Qwen2Config(**llm),
         vision_feature_layer=config_dict.get("select_layer", -1),
         tie_word_embeddings=bool(config_dict.get("tie_word_embeddings", False)),
-        eos_token_id=IM_END_TOKEN_ID,
     )
+    plugin.update({name: config_dict.get(name, default) for name, default in IMPLICIT_TOKEN_IDS.items()})
     force = plugin.get("force_image_size") or _first(vision.get("image_size", 448))
     patch = _first(vision.get("patch_size", 14))
     plugin["force_image_size"] = force
@@ -139,6 +146,9 @@ def plugin_config_to_official(config: InternVL3Config) -> dict:
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_size=config.text_config.hidden_size,
     )
+    official.update(
+        {name: getattr(config, name) for name, default in IMPLICIT_TOKEN_IDS.items() if getattr(config, name) != default}
+    )
     if config.dtype is not None:
         official["torch_dtype"] = str(config.dtype).removeprefix("torch.")
     return official
@@ -175,10 +185,10 @@ def save_official(model, save_directory: str | Path, processor=None, *, max_shar
 
 
 class InternVLChatConfig(InternVL3Config):
-    """Reads an official `internvl_chat` config.json as an `InternVL3Config` (registered with `AutoConfig`)."""
+    """The `internvl_chat` entry of `AutoConfig`: it reads an official config.json as an `InternVL3Config`."""
 
     model_type = "internvl_chat"
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> InternVL3Config:
-        return InternVL3Config.from_dict(official_config_to_plugin(config_dict), **kwargs)
+        return InternVL3Config.from_dict(config_dict, **kwargs)
