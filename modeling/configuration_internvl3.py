@@ -58,8 +58,9 @@ class InternVL3Config(PreTrainedConfig):
         ps_version (`str`, defaults to `"v2"`):
             Pixel-shuffle token order. `"v2"` (InternVL2.5/3) is row-major; `"v1"` (old InternVL checkpoints)
             emits the token grid transposed and is kept only to load those checkpoints.
-        template (`str`, defaults to `"internvl2_5"`):
-            Name of the official conversation template; the processor's chat template reproduces it.
+        template (`str`, *optional*, defaults to `"internvl2_5"`):
+            Name of the official conversation template (kept for the official format; the processor's chat
+            template reproduces `internvl2_5`).
         system_message (`str`, *optional*):
             Default system message. `None` or empty means the template's own default.
         v2pe_mode (`str`, defaults to `"none"`):
@@ -95,7 +96,7 @@ class InternVL3Config(PreTrainedConfig):
     dynamic_image_size: bool = True
     force_image_size: int = 448
     ps_version: str = "v2"
-    template: str = "internvl2_5"
+    template: str | None = "internvl2_5"
     system_message: str | None = None
     v2pe_mode: str = "none"
     v2pe_delta: float = 1.0

@@ -117,6 +117,12 @@ class InternVL3Model(InternVL3PreTrainedModel):
                 "ps_version='v1' transposes the image token grid; it exists only for old InternVL checkpoints. "
                 "InternVL2.5/3 use 'v2'."
             )
+        vision = config.vision_config
+        if vision.use_qk_norm and vision.layer_norm_eps != 1e-6:
+            logger.warning_once(
+                f"transformers' InternViT builds its q/k RMSNorm with eps 1e-6, the official one with layer_norm_eps="
+                f"{vision.layer_norm_eps}: outputs differ slightly from the official model (released 6B ViTs use 1e-6)."
+            )
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = InternVLMultiModalProjector(config)
         self.language_model = InternVL3TextModel(config.text_config)

@@ -59,10 +59,10 @@ _VISION_DEFAULTS = {"image_size": 224, "patch_size": 14}
 
 class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
     r"""
-    share_tile_budget (`bool`, *optional*, defaults to `True`):
-        When a sample holds several images, give each `max(1, max_patches // num_images)` tiles at most (the
-        official training rule). `False` tiles every image with the full `max_patches`, as the official `chat()`
-        examples do.
+    share_tile_budget (`bool`, *optional*, defaults to `False`):
+        `True` gives each image of a several-image sample `max(1, max_patches // num_images)` tiles at most: the
+        official training rule (training collators set it). The default tiles every image with the full
+        `max_patches`, as the official `chat()` / `batch_chat()` inference does.
     """
 
     images_kwargs: InternVL3ImageProcessorKwargs
@@ -126,7 +126,7 @@ class InternVL3Processor(ProcessorMixin):
 
     text_kwargs = {"padding_side": "left"}
     valid_processor_kwargs = InternVL3ProcessorKwargs
-    share_tile_budget = True
+    share_tile_budget = False
 
     image_placeholder = IMAGE_PLACEHOLDER
     video_placeholder = VIDEO_PLACEHOLDER

@@ -275,3 +275,26 @@ def test_auto_processor_reads_official_directory_without_processor_files(officia
     assert int((inputs["input_ids"] == reference.config.image_token_id).sum()) == 12
     model = AutoModelForImageTextToText.from_pretrained(directory)
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_missing_official_fields_take_the_official_class_defaults():
+    """A config.json that leaves fields out means the official constructor defaults, not InternVL3's values."""
+    config = InternVL3Config.from_dict(
+        {"model_type": "internvl_chat", "llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1,
+         "vocab_size": 300}, "vision_config": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+         "intermediate_size": 64}}
+    )
+    assert config.ps_version == "v1" and config.max_dynamic_patch == 6
+    assert not config.use_thumbnail and not config.dynamic_image_size and config.template is None
+    assert config.vision_config.use_qk_norm and config.vision_config.norm_type == "rms_norm"
+    assert config.force_image_size == 224 and config.image_seq_length == 64  # (224 / 14)² / 4
+
+
+def test_official_training_use_cache_flag_does_not_disable_the_kv_cache(official_dir):
+    directory, _ = official_dir
+    config = json.loads((directory / "config.json").read_text())
+    config["llm_config"]["use_cache"] = False  # as released InternVL3 configs ship it
+    (directory / "config.json").write_text(json.dumps(config))
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    assert model.config.text_config.use_cache and model.generation_config.use_cache in (None, True)  # None: on

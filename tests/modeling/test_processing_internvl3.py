@@ -63,16 +63,19 @@ def test_flat_and_nested_images_agree_and_keep_text_order(processor):
     assert [count(ids, processor.image_token_id) for ids in flat["input_ids"]] == [SEQ * 1, SEQ * (3 + 4)]
 
 
-def test_multi_image_samples_share_the_tile_budget(processor):
+def test_multi_image_samples_share_the_tile_budget_when_asked(processor):
     wide = image(112, 28)  # w/h = 4: a 4x1 grid + thumbnail alone
     alone = processor(images=[wide], text="<image>", max_patches=4)
-    shared = processor(images=[wide, wide], text="<image><image>", max_patches=4)
-    full = processor(images=[wide, wide], text="<image><image>", max_patches=4, share_tile_budget=False)
+    shared = processor(images=[wide, wide], text="<image><image>", max_patches=4, share_tile_budget=True)
+    full = processor(images=[wide, wide], text="<image><image>", max_patches=4)  # official chat() inference
     assert alone["image_num_patches"].tolist() == [5]
     assert shared["image_num_patches"].tolist() == [3, 3]  # max(1, 4 // 2) = 2 tiles each: 2x1 + thumbnail
     assert full["image_num_patches"].tolist() == [5, 5]
     # The budget is per sample: a single-image sample next to a two-image one keeps the full budget.
-    batch = processor(images=[[wide], [wide, wide]], text=["<image>", "<image><image>"], max_patches=4, padding=True)
+    batch = processor(
+        images=[[wide], [wide, wide]], text=["<image>", "<image><image>"], max_patches=4, padding=True,
+        share_tile_budget=True,
+    )
     assert batch["image_num_patches"].tolist() == [5, 3, 3]
 
 

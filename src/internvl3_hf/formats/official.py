@@ -51,6 +51,39 @@ VISION_FIELDS = [
     ("attention_dropout", "attention_dropout"),
     ("dropout", "projection_dropout"),
 ]
+# Constructor defaults of the official InternVisionConfig / InternVLChatConfig: a field a config.json leaves out means
+# these (released configs write them all; they differ from InternVL3's values).
+OFFICIAL_VISION_DEFAULTS = {
+    "num_channels": 3,
+    "patch_size": 14,
+    "image_size": 224,
+    "qkv_bias": False,
+    "hidden_size": 3200,
+    "num_attention_heads": 25,
+    "intermediate_size": 12800,
+    "qk_normalization": True,
+    "num_hidden_layers": 48,
+    "hidden_act": "gelu",
+    "norm_type": "rms_norm",
+    "layer_norm_eps": 1e-6,
+    "dropout": 0.0,
+    "drop_path_rate": 0.0,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 0.1,
+}
+OFFICIAL_DEFAULTS = {
+    "select_layer": -1,
+    "force_image_size": None,
+    "downsample_ratio": 0.5,
+    "template": None,
+    "dynamic_image_size": False,
+    "use_thumbnail": False,
+    "ps_version": "v1",
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 6,
+    "system_message": None,
+}
 # Official vision fields with no InternVLVisionConfig counterpart, kept verbatim so an export restores them.
 VISION_PASSTHROUGH = ("drop_path_rate", "use_flash_attn")
 # Top-level fields shared verbatim by both configs.
@@ -92,23 +125,27 @@ def _refuse_unsupported(config_dict: dict) -> None:
 def official_config_to_plugin(config_dict: dict) -> dict:
     """Keyword arguments of `InternVL3Config` for an official `internvl_chat` config dict."""
     _refuse_unsupported(config_dict)
-    official_vision = dict(config_dict.get("vision_config") or {})
+    config_dict = {**OFFICIAL_DEFAULTS, **config_dict}
+    official_vision = {**OFFICIAL_VISION_DEFAULTS, **(config_dict.get("vision_config") or {})}
     vision = {ours: official_vision[theirs] for theirs, ours in VISION_FIELDS if theirs in official_vision}
     vision.update({name: official_vision[name] for name in VISION_PASSTHROUGH if name in official_vision})
     llm = {k: v for k, v in (config_dict.get("llm_config") or {}).items() if k not in ("architectures", "auto_map")}
     llm["model_type"] = "qwen2"
+    # Released llm_configs carry the training flag use_cache=false; kept, it would make `generate` recompute the
+    # whole sequence at every step (the official chat() overrides it with use_cache=True too).
+    llm["use_cache"] = True
     plugin = {name: config_dict[name] for name in SHARED_FIELDS if name in config_dict}
     plugin.update(
         vision_config=InternVLVisionConfig(**vision),
         text_config=Qwen2Config(**llm),
-        vision_feature_layer=config_dict.get("select_layer", -1),
+        vision_feature_layer=config_dict["select_layer"],
         tie_word_embeddings=bool(config_dict.get("tie_word_embeddings", False)),
     )
     plugin.update({name: config_dict.get(name, default) for name, default in IMPLICIT_TOKEN_IDS.items()})
-    force = plugin.get("force_image_size") or _first(vision.get("image_size", 448))
-    patch = _first(vision.get("patch_size", 14))
+    force = plugin["force_image_size"] or _first(vision["image_size"])
+    patch = _first(vision["patch_size"])
     plugin["force_image_size"] = force
-    plugin["image_seq_length"] = round((force // patch) ** 2 * plugin.get("downsample_ratio", 0.5) ** 2)
+    plugin["image_seq_length"] = round((force // patch) ** 2 * plugin["downsample_ratio"] ** 2)
     if config_dict.get("dtype") or config_dict.get("torch_dtype"):
         plugin["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
     return plugin
