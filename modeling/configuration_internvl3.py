@@ -11,12 +11,14 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
+from .v2pe import DEFAULT_DELTAS, delta_to_stride
+
 # model_type → reader turning a config dict of that type into `InternVL3Config` keyword arguments. The
 # `internvl3_hf` package registers the official (`internvl_chat`) and transformers-native (`internvl`) readers, so
 # `InternVL3ForConditionalGeneration.from_pretrained` reads those checkpoints directly.
 FOREIGN_CONFIG_READERS: dict[str, Callable[[dict], dict]] = {}
 
-V2PE_MODES = ("none",)
+V2PE_MODES = ("none", "fixed", "random", "auto")
 PS_VERSIONS = ("v1", "v2")
 
 
@@ -64,10 +66,20 @@ class InternVL3Config(PreTrainedConfig):
         system_message (`str`, *optional*):
             Default system message. `None` or empty means the template's own default.
         v2pe_mode (`str`, defaults to `"none"`):
-            Variable visual position encoding. `"none"` is the ordinary encoding (δ = 1), what released
-            InternVL3 checkpoints use.
+            Variable visual position encoding (V2PE): text tokens advance the position by 1, each `<IMG_CONTEXT>`
+            token of an image by that image's δ, and `</img>` resumes at ceil(last image position) + 1.
+            `"none"`: ordinary positions (what released InternVL3 checkpoints use). `"fixed"`: every image uses
+            `v2pe_delta`. `"random"`: in training each image draws δ uniformly from `v2pe_delta_set` (torch's RNG,
+            so `transformers.set_seed` makes it reproducible); in eval it uses `v2pe_delta`. `"auto"`: per sample,
+            the largest δ of `v2pe_delta_set` whose last position stays below `v2pe_max_position`.
         v2pe_delta (`float`, defaults to 1.0):
-            Position increment of a visual token under V2PE; 1.0 is the ordinary encoding.
+            δ of `"fixed"` mode and of `"random"` mode in eval; a multiple of 1/256 in (0, 1]. 1.0 reproduces the
+            ordinary encoding exactly.
+        v2pe_delta_set (`list[float]`, defaults to `[1, 1/2, 1/4, ..., 1/256]`):
+            Candidates for `"random"` and `"auto"`; each a multiple of 1/256 in (0, 1].
+        v2pe_max_position (`int`, *optional*):
+            Limit of `"auto"` mode (default `text_config.max_position_embeddings`). It covers the prompt: lower it
+            to keep room for the tokens `generate` will add.
         eos_token_id (`int` or `list[int]`, defaults to 151645):
             Token(s) ending an assistant turn (`<|im_end|>`): `generate` stops on them by default. The LLM's own
             `text_config.eos_token_id` (`<|endoftext|>`) is left as the checkpoint has it.
@@ -100,6 +112,8 @@ class InternVL3Config(PreTrainedConfig):
     system_message: str | None = None
     v2pe_mode: str = "none"
     v2pe_delta: float = 1.0
+    v2pe_delta_set: list[float] | None = None
+    v2pe_max_position: int | None = None
     eos_token_id: int | list[int] = 151645
     tie_word_embeddings: bool = False
 
@@ -110,7 +124,19 @@ class InternVL3Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.v2pe_delta_set is None:
+            self.v2pe_delta_set = list(DEFAULT_DELTAS)
         self.validate_internvl3()
+
+    @property
+    def v2pe_stride(self) -> int:
+        """`v2pe_delta` in 1/256 position units."""
+        return delta_to_stride(self.v2pe_delta)
+
+    @property
+    def v2pe_strides(self) -> list[int]:
+        """`v2pe_delta_set` in 1/256 position units."""
+        return [delta_to_stride(delta) for delta in self.v2pe_delta_set]
 
     def validate_internvl3(self) -> None:
         """Raise a `ValueError` naming the field when the settings cannot describe a working model."""
@@ -118,6 +144,10 @@ class InternVL3Config(PreTrainedConfig):
             raise ValueError(f"InternVL3Config.ps_version must be one of {PS_VERSIONS}, got {self.ps_version!r}.")
         if self.v2pe_mode not in V2PE_MODES:
             raise ValueError(f"InternVL3Config.v2pe_mode must be one of {V2PE_MODES}, got {self.v2pe_mode!r}.")
+        if not self.v2pe_delta_set:
+            raise ValueError("InternVL3Config.v2pe_delta_set must hold at least one δ.")
+        for delta in (self.v2pe_delta, *self.v2pe_delta_set):
+            delta_to_stride(delta)
         if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
             raise ValueError(
                 "InternVL3Config needs 1 <= min_dynamic_patch <= max_dynamic_patch, got "

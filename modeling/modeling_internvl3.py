@@ -6,10 +6,14 @@ Parameter names follow transformers' native InternVL (`model.vision_tower.*`, `m
 `model.language_model.*`, `lm_head`), so PEFT target names, TRL's fused LM head and the `-hf` format line up.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
@@ -19,9 +23,12 @@ from transformers.models.internvl.modeling_internvl import (
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils import logging
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import torch_compilable_check
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internvl3 import InternVL3Config
+from .v2pe import POSITION_UNITS, auto_image_strides, image_spans, units_to_positions, v2pe_position_units
 
 logger = logging.get_logger(__name__)
 
@@ -82,8 +89,113 @@ def describe_image_token_mismatch(
     return " ".join(lines)
 
 
+@dataclass
+class InternVL3ModelOutputWithPast(InternVLModelOutputWithPast):
+    r"""
+    rope_position_ids (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The V2PE positions the rotary embedding used (float32, float64 beyond 2**16); `None` without V2PE.
+    v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+        Each image's V2PE increment in 1/256 position units (δ = stride / 256), images in row-major order.
+    """
+
+    rope_position_ids: torch.Tensor | None = None
+    v2pe_strides: torch.LongTensor | None = None
+
+
+@dataclass
+class InternVL3CausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
+    r"""
+    rope_position_ids (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The V2PE positions the rotary embedding used; `None` without V2PE.
+    v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+        Each image's V2PE increment in 1/256 position units (δ = stride / 256).
+    """
+
+    rope_position_ids: torch.Tensor | None = None
+    v2pe_strides: torch.LongTensor | None = None
+
+
 class InternVL3TextModel(Qwen2Model):
-    """The Qwen2 decoder of InternVL3; its own class so that V2PE positions can be fed to the rotary path."""
+    """Qwen2 decoder whose rotary embedding takes its own (fractional, V2PE) positions.
+
+    `Qwen2Model.forward` feeds one `position_ids` to both the rotary embedding and the mask/attention code, which
+    reads non-consecutive positions as packed-sequence boundaries (silently wrong logits for fractional ones).
+    Here `rope_position_ids` go to the rotary embedding only; masks and attention kernels get the integer
+    per-sample `position_ids` (the Qwen2-VL split).
+    """
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        rope_position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Integer per-sample positions for masks and attention kernels (restarting at 0 per packed sample).
+        rope_position_ids (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions for the rotary embedding only (V2PE); defaults to `position_ids`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("InternVL3TextModel.forward needs exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask_mapping = attention_mask
+        if not isinstance(causal_mask_mapping, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if self.has_sliding_layers:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        rope_positions = rope_position_ids if rope_position_ids is not None else position_ids
+        position_embeddings = self.rotary_embeddings(hidden_states, rope_positions)
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[self.config.layer_types[index]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+    def rotary_embeddings(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of Qwen2's rotary embedding, computed in float64 for float64 positions."""
+        cos, sin = self.rotary_emb(hidden_states, positions)  # also applies dynamic-RoPE frequency updates
+        if positions.dtype != torch.float64:
+            return cos, sin
+        # float32 cannot hold every 1/256 step beyond 2**16: the same formula in float64.
+        inv_freq = self.rotary_emb.inv_freq.to(device=positions.device, dtype=torch.float64)
+        freqs = positions[..., None] * inv_freq
+        embedding = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.rotary_emb.attention_scaling
+        return (embedding.cos() * scaling).to(hidden_states.dtype), (embedding.sin() * scaling).to(hidden_states.dtype)
 
 
 class InternVL3PreTrainedModel(PreTrainedModel):
@@ -173,28 +285,93 @@ class InternVL3Model(InternVL3PreTrainedModel):
         mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features)
 
+    def image_strides(
+        self,
+        image_token_mask: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        v2pe_strides: torch.LongTensor | None = None,
+    ) -> torch.LongTensor:
+        """Each image's V2PE stride (δ·256) for this call, following `config.v2pe_mode` unless given."""
+        device = image_token_mask.device
+        num_images = int(image_spans(image_token_mask)[1])
+        if v2pe_strides is not None:
+            if v2pe_strides.numel() != num_images:
+                raise ValueError(
+                    f"v2pe_strides holds {v2pe_strides.numel()} strides but input_ids hold {num_images} images "
+                    "(one stride per image, in order of appearance, row by row)."
+                )
+            return v2pe_strides.to(device=device, dtype=torch.long)
+        mode = self.config.v2pe_mode
+        if mode == "random" and self.training:
+            choices = torch.tensor(self.config.v2pe_strides, device=device)
+            return choices[torch.randint(len(choices), (num_images,), device=device)]
+        if mode == "auto":
+            limit = self.config.v2pe_max_position or self.config.text_config.max_position_embeddings
+            return auto_image_strides(image_token_mask, token_mask, self.config.v2pe_strides, limit)
+        return torch.full((num_images,), self.config.v2pe_stride, device=device, dtype=torch.long)
+
+    def v2pe_positions(
+        self,
+        image_token_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        v2pe_strides: torch.LongTensor | None = None,
+        start_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """V2PE rotary positions `(batch, seq)` and the per-image strides used.
+
+        Padding (`attention_mask` 0) is skipped; integer `position_ids` mark packed samples where they are 0
+        (positions restart there); `start_positions` `(batch,)` continue a cached sequence.
+        """
+        length = image_token_mask.shape[1]
+        token_mask = attention_mask[:, -length:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        sample_starts = position_ids == 0 if position_ids is not None else None
+        strides = self.image_strides(image_token_mask, token_mask, v2pe_strides)
+        units = v2pe_position_units(image_token_mask, strides, token_mask, sample_starts)
+        if start_positions is not None:
+            offset = torch.round(start_positions.to(torch.float64) * POSITION_UNITS).long()[:, None]
+            units = units + (offset if token_mask is None else offset * token_mask.long())
+        return units_to_positions(units), strides
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_num_patches: torch.LongTensor | None = None,
+        v2pe_strides: torch.LongTensor | None = None,
         **kwargs,
-    ) -> InternVLModelOutputWithPast:
+    ) -> InternVL3ModelOutputWithPast:
         r"""
         pixel_values (`torch.Tensor` of shape `(num_tiles, 3, force_image_size, force_image_size)`, *optional*):
             All tiles of all images of the batch, in the order their `<image>` spans appear (thumbnail last per
             image). Only needed on prefill.
+        position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Integer per-sample positions (restarting at 0 per packed sample), as for any transformers model; under
+            V2PE the rotary positions are derived from them and `input_ids`. Floating-point positions are taken
+            as ready-made rotary positions (what `generate` passes under V2PE) and never reach the masks.
         image_num_patches (`torch.LongTensor` of shape `(num_images,)`, *optional*):
             Tiles per image, as returned by the processor; checked against `pixel_values` and used in errors.
+        v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            Per-image V2PE increment in 1/256 units (δ = stride / 256), overriding `config.v2pe_mode`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("InternVL3Model.forward needs exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+
+        rope_position_ids, strides = None, None
+        if position_ids is not None and position_ids.is_floating_point():
+            # Ready-made fractional positions feed the rotary embedding only, never the masks.
+            rope_position_ids, position_ids = position_ids, None
+        elif self.config.v2pe_mode != "none" or v2pe_strides is not None:
+            rope_position_ids, strides = self.v2pe_positions(
+                image_token_mask, attention_mask, position_ids, v2pe_strides, _cached_next_position(past_key_values)
+            )
 
         image_features = None
         if pixel_values is not None:
@@ -204,7 +381,6 @@ class InternVL3Model(InternVL3PreTrainedModel):
                     f"pixel_values holds {pixel_values.shape[0]} tiles."
                 )
             image_features = self.get_image_features(pixel_values)
-            image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             inputs_embeds = self.merge_image_features(
                 inputs_embeds, image_token_mask, image_features, image_num_patches
             )
@@ -214,15 +390,31 @@ class InternVL3Model(InternVL3PreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            rope_position_ids=rope_position_ids,
             **kwargs,
         )
-        return InternVLModelOutputWithPast(
+        if rope_position_ids is not None and outputs.past_key_values is not None:
+            # Lets a later call on this cache without positions continue the V2PE positions.
+            outputs.past_key_values.v2pe_next_position = rope_position_ids[:, -1] + 1
+        return InternVL3ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            rope_position_ids=rope_position_ids,
+            v2pe_strides=strides,
         )
+
+
+def _cached_next_position(past_key_values: Cache | None) -> torch.Tensor | None:
+    """Where V2PE positions continue on a non-empty cache (`None` for no or an empty cache)."""
+    if past_key_values is None or past_key_values.get_seq_length() == 0:
+        return None
+    next_position = getattr(past_key_values, "v2pe_next_position", None)
+    if next_position is None:  # a cache filled without V2PE holds ordinary positions
+        return torch.tensor([float(past_key_values.get_seq_length())])
+    return next_position
 
 
 class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin):
@@ -257,14 +449,15 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_num_patches: torch.LongTensor | None = None,
+        v2pe_strides: torch.LongTensor | None = None,
         **kwargs,
-    ) -> InternVLCausalLMOutputWithPast:
+    ) -> InternVL3CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
             Next-token targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
@@ -279,6 +472,7 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             image_num_patches=image_num_patches,
+            v2pe_strides=v2pe_strides,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -288,17 +482,38 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return InternVLCausalLMOutputWithPast(
+        return InternVL3CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            rope_position_ids=outputs.rope_position_ids,
+            v2pe_strides=outputs.v2pe_strides,
         )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """Under V2PE, the prompt's fractional rotary positions; `generate` then continues them at last + 1."""
+        position_ids = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        v2pe_strides = model_kwargs.get("v2pe_strides")
+        if self.config.v2pe_mode == "none" and v2pe_strides is None:
+            return position_ids
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        if input_ids.is_floating_point():  # generation from inputs_embeds
+            image_token_mask = self.model.get_placeholder_mask(None, input_ids)
+        else:
+            image_token_mask = self.model.get_placeholder_mask(input_ids, None)
+        rope_position_ids, _ = self.model.v2pe_positions(
+            image_token_mask, model_kwargs.get("attention_mask"), v2pe_strides=v2pe_strides
+        )
+        return rope_position_ids
 
 
 InternVL3Model.register_for_auto_class("AutoModel")
 InternVL3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["InternVL3Model", "InternVL3ForConditionalGeneration", "InternVL3PreTrainedModel", "pixel_unshuffle"]
+__all__ = [
+    "InternVL3TextModel","InternVL3Model", "InternVL3ForConditionalGeneration", "InternVL3PreTrainedModel", "pixel_unshuffle"]
