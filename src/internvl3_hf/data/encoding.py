@@ -1,0 +1,187 @@
+"""Turn a `Sample` into model inputs through the plugin's chat template and processor.
+
+Labels cover exactly the assistant answers and their `<|im_end|>` (the official `preprocess_internvl2_5`):
+never the system or user turns, the `<|im_start|>assistant\\n` header, the newline after `<|im_end|>`, or images.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+
+from ..modeling.image_processing_internvl3 import open_image_file, split_tile_budget
+from ..modeling.processing_internvl3 import InternVL3Processor
+from .sources import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Sample
+
+IGNORE_INDEX = -100
+END_OF_TURN = "<|im_end|>"
+JPEG_QUALITY_RANGE = (75, 100)  # official random JPEG re-encode (data_augment)
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    image_num_patches: list[int]
+    pixel_values: torch.Tensor | None = None  # (tiles, 3, S, S); None when only lengths were planned
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(self.image_num_patches)
+
+
+def random_jpeg(image: PIL.Image.Image, rng: random.Random) -> PIL.Image.Image:
+    """Re-encode as JPEG with a quality drawn uniformly from 75–100 (the official `data_augment`)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=rng.randint(*JPEG_QUALITY_RANGE))
+    buffer.seek(0)
+    return PIL.Image.open(buffer).convert("RGB")
+
+
+class SupervisedEncoder:
+    """Encodes samples for training; `encode(sample, with_pixels=False)` gives the exact length cheaply."""
+
+    def __init__(self, processor: InternVL3Processor, max_length: int | None = None, seed: int | None = None):
+        self.processor = processor
+        self.max_length = max_length
+        self.rng = random.Random(seed)
+
+    def encode(self, sample: Sample, with_pixels: bool = True) -> EncodedSample:
+        sizes = [self._size(image, sample.origin) for image in sample.images]
+        frame_counts = [len(video) for video in sample.videos]
+        image_tiles = self._image_tiles(sizes, sample)
+        segments = self._segments(sample)
+        order: list[tuple[str, int]] = []  # ("image" | "video", index) in the order the spans appear
+        input_ids, labels = self._tokenize(segments, image_tiles, frame_counts, order, sample.origin)
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            raise DataError(
+                f"{sample.origin}: {len(input_ids)} tokens exceed max_length={self.max_length}; truncating would cut "
+                "its image tokens or answer. Raise max_length, lower max_dynamic_patch, or drop the sample."
+            )
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(f"{sample.origin}: no assistant answer to learn from (all labels are masked).")
+        # One <img> span per image and per video frame, in text order.
+        num_patches = []
+        for kind, index in order:
+            num_patches += [image_tiles[index]] if kind == "image" else [1] * frame_counts[index]
+        encoded = EncodedSample(input_ids, labels, num_patches)
+        if with_pixels:
+            images = [self._open(image, sample.origin) for image in sample.images]
+            frames = [[self._open(frame, sample.origin) for frame in video] for video in sample.videos]
+            encoded.pixel_values = self._pixels(images, frames, order, sample)
+        return encoded
+
+    @staticmethod
+    def _size(image, origin: str) -> tuple[int, int]:
+        """(width, height) from the file header only: planning a large dataset must not decode every image."""
+        if isinstance(image, PIL.Image.Image):
+            return image.size
+        try:
+            with PIL.Image.open(image) as opened:
+                return opened.size
+        except FileNotFoundError:
+            raise DataError(f"{origin}: image file {image} does not exist.") from None
+        except (PIL.UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{origin}: image file {image} is not a readable image ({error}).") from None
+
+    def _open(self, image, origin: str) -> PIL.Image.Image:
+        if isinstance(image, PIL.Image.Image):
+            return image
+        try:
+            return open_image_file(image)
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"{origin}: {error}") from error
+
+    def _tile_budget(self, sample: Sample) -> dict:
+        """Official training rule: a sample's images share `max_dynamic_patch` tiles."""
+        image_processor = self.processor.image_processor
+        max_patches = sample.max_dynamic_patch or image_processor.max_patches
+        min_patches, max_patches = split_tile_budget(image_processor.min_patches, max_patches, max(1, len(sample.images)))
+        return {"min_patches": min_patches, "max_patches": max_patches}
+
+    def _image_tiles(self, sizes: list[tuple[int, int]], sample: Sample) -> list[int]:
+        budget = self._tile_budget(sample)
+        return [self.processor.image_processor.get_number_of_image_patches(h, w, budget) for w, h in sizes]
+
+    def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, supervised) pieces at the assistant answers."""
+        template = self.processor.apply_chat_template
+        try:
+            text = template(sample.messages, tokenize=False)
+        except Exception as error:  # jinja raises for unknown roles/content types: report, don't crash the run
+            raise DataError(f"{sample.origin}: the chat template rejected the conversation ({error}).") from error
+        segments, cursor = [], 0
+        for index, message in enumerate(sample.messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(template(sample.messages[:index], tokenize=False, add_generation_prompt=True))
+            end = text.index(END_OF_TURN, start) + len(END_OF_TURN)
+            segments += [(text[cursor:start], False), (text[start:end], True)]
+            cursor = end
+        segments.append((text[cursor:], False))
+        return [(piece, supervised) for piece, supervised in segments if piece]
+
+    def _tokenize(
+        self,
+        segments: list[tuple[str, bool]],
+        image_tiles: list[int],
+        video_frames: list[int],
+        order: list[tuple[str, int]],
+        origin: str,
+    ) -> tuple[list[int], list[int]]:
+        images, videos = iter(enumerate(image_tiles)), iter(enumerate(video_frames))
+        input_ids, labels = [], []
+        for piece, supervised in segments:
+            if supervised and (IMAGE_PLACEHOLDER in piece or VIDEO_PLACEHOLDER in piece):
+                raise DataError(f"{origin}: an assistant answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder.")
+            try:
+                piece = self._expand(piece, images, videos, order)
+            except StopIteration:
+                raise DataError(
+                    f"{origin}: more {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders than images "
+                    f"({len(image_tiles)}) and videos ({len(video_frames)})."
+                ) from None
+            ids = self.processor.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        if next(images, None) is not None or next(videos, None) is not None:
+            raise DataError(
+                f"{origin}: {len(image_tiles)} images and {len(video_frames)} videos but fewer placeholders in the text."
+            )
+        return input_ids, labels
+
+    def _expand(self, text: str, images, videos, order: list[tuple[str, int]]) -> str:
+        """Replace placeholders by their spans, recording which image/video each is."""
+        pieces = []
+        for index, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if index:
+                image_index, tiles = next(images)
+                order.append(("image", image_index))
+                pieces.append(self.processor.image_span(tiles))
+            for video_index, video_part in enumerate(part.split(VIDEO_PLACEHOLDER)):
+                if video_index:
+                    video, num_frames = next(videos)
+                    order.append(("video", video))
+                    pieces.append(self.processor.video_span(num_frames))
+                pieces.append(video_part)
+        return "".join(pieces)
+
+    def _pixels(self, images, frames, order: list[tuple[str, int]], sample: Sample) -> torch.Tensor | None:
+        """All tiles in the order their spans appear in the text."""
+        if sample.data_augment:
+            images = [random_jpeg(image, self.rng) for image in images]
+            frames = [[random_jpeg(frame, self.rng) for frame in video] for video in frames]
+        image_processor = self.processor.image_processor
+        budget = self._tile_budget(sample)
+        tiles = []
+        for kind, index in order:
+            if kind == "image":
+                out = image_processor(images[index], return_tensors="pt", **budget)
+            else:
+                out = image_processor.preprocess_frames(frames[index], return_tensors="pt")
+            tiles.append(out["pixel_values"])
+        return torch.cat(tiles) if tiles else None
