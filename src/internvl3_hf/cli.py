@@ -25,6 +25,16 @@ def _chat(args: argparse.Namespace) -> None:
     chat(model, processor, args.question, args.image, stream=True, max_new_tokens=args.max_new_tokens, do_sample=False)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .train import load_recipe, run_training
+
+    trainer = run_training(load_recipe(args.config, args.set), resume_from_checkpoint=args.resume)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses:
+        print(f"trained {trainer.state.global_step} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"saved to {trainer.args.output_dir}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo_chat import run_demo
 
@@ -47,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("question")
     chat.set_defaults(func=_chat)
+
+    train = commands.add_parser("train", help="SFT / native pre-training from a YAML recipe (see recipes/)")
+    train.add_argument("--config", required=True, help="recipe YAML")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    train.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or a given) checkpoint")
+    train.set_defaults(func=_train)
 
     demo = commands.add_parser("demo", help="build a tiny InternVL3 locally and chat with it about an image")
     demo.add_argument("--output", default="demo_out", help="where the tiny checkpoint is written")
