@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.utils import cached_file
 
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
 from ..modeling.processing_internvl3 import InternVL3Processor
@@ -17,10 +18,10 @@ MODEL_TYPE_TO_FORMAT = {"internvl3": "plugin", "internvl_chat": "official", "int
 
 
 def detect_format(path: str | Path) -> str:
-    """`plugin`, `official` or `hf`, from the `model_type` of `path/config.json`."""
-    config_file = Path(path) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: expected a local checkpoint directory.")
+    """`plugin`, `official` or `hf`, from the `model_type` of the checkpoint's config.json (local dir or Hub id)."""
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory.")
+    config_file = Path(cached_file(str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else str(path), "config.json"))
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in MODEL_TYPE_TO_FORMAT:
         raise ValueError(
@@ -39,8 +40,10 @@ def load_checkpoint(path: str | Path, **from_pretrained_kwargs) -> InternVL3ForC
 
 def load_processor(path: str | Path, model_config):
     """The plugin processor for a checkpoint of any supported format (`None` if it ships no tokenizer)."""
-    path = Path(path)
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not any(
+        cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         return None
     if detect_format(path) == "hf":
         # transformers' InternVLProcessor needs torchvision; the tiling settings are already in the model config.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+from transformers.utils import cached_file
 
 from ..modeling.configuration_internvl3 import InternVL3Config
 
@@ -78,11 +79,11 @@ def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> 
 
 
 def load_hf_config(path: str | Path) -> InternVL3Config:
-    """Read `config.json` (+ `preprocessor_config.json`) of a local `-hf` directory into an `InternVL3Config`."""
-    path = Path(path)
-    preprocessor_file = path / "preprocessor_config.json"
-    preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.exists() else None
-    return InternVL3Config(**hf_config_to_plugin(json.loads((path / "config.json").read_text()), preprocessor))
+    """Read `config.json` (+ `preprocessor_config.json`) of a `-hf` checkpoint into an `InternVL3Config`."""
+    config = json.loads(Path(cached_file(str(path), "config.json")).read_text())
+    preprocessor_file = cached_file(str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    preprocessor = json.loads(Path(preprocessor_file).read_text()) if preprocessor_file else None
+    return InternVL3Config(**hf_config_to_plugin(config, preprocessor))
 
 
 def to_native_model(model) -> InternVLForConditionalGeneration:
