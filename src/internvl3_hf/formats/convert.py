@@ -19,9 +19,10 @@ MODEL_TYPE_TO_FORMAT = {"internvl3": "plugin", "internvl_chat": "official", "int
 
 def detect_format(path: str | Path) -> str:
     """`plugin`, `official` or `hf`, from the `model_type` of the checkpoint's config.json (local dir or Hub id)."""
-    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+    local = Path(path).expanduser()
+    if str(path).startswith(("/", ".", "~")) and not local.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory.")
-    config_file = Path(cached_file(str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else str(path), "config.json"))
+    config_file = Path(cached_file(str(local) if local.is_dir() else str(path), "config.json"))
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in MODEL_TYPE_TO_FORMAT:
         raise ValueError(

@@ -1,0 +1,83 @@
+"""The `train` recipe path: CLI overfitting on the tiny recipe, freezing, LoRA adapters and their merge."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from internvl3_hf.cli import main
+from internvl3_hf.train import apply_freezing, build_model_and_processor, build_trainer, load_recipe
+
+RECIPE = "recipes/tiny_cpu_sft.yaml"
+
+
+def test_cli_recipe_overfits_mixed_text_and_image_set(tmp_path, capsys):
+    """The tiny recipe: 4 synthetic samples (text-only and image QA), loss must fall by more than 90 %."""
+    assert main(["train", "--config", RECIPE, "--set", f"training.output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    first, last = (float(value) for value in out.split("loss ")[1].split()[0:3:2])
+    assert last < 0.1 * first, out
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert model.config.image_seq_length == processor.image_seq_length
+
+
+def test_recipe_overrides_and_unknown_sections(tmp_path):
+    recipe = load_recipe(RECIPE, ["training.max_steps=3", "data.loss_weighting=sample"])
+    assert recipe["training"]["max_steps"] == 3 and recipe["data"]["loss_weighting"] == "sample"
+    (tmp_path / "bad.yaml").write_text("modle: {}\n")
+    with pytest.raises(ValueError, match="Unknown recipe sections"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "flags, trainable",
+    [
+        ({"freeze_vision": True}, {"projector", "llm"}),
+        ({"freeze_vision": True, "freeze_projector": True}, {"llm"}),
+        ({"freeze_llm": True}, {"vision", "projector"}),
+        ({"freeze_vision": True, "unfreeze_vision_last_layers": 1}, {"vision_last", "projector", "llm"}),
+    ],
+)
+def test_freeze_flags(flags, trainable):
+    model, _ = build_model_and_processor({"name_or_path": "tiny"})
+    apply_freezing(model, flags)
+    parts = {
+        "vision": [p for n, p in model.named_parameters() if "vision_tower" in n and "encoder.layer.1." not in n],
+        "vision_last": [p for n, p in model.named_parameters() if "vision_tower.encoder.layer.1." in n],
+        "projector": list(model.model.multi_modal_projector.parameters()),
+        "llm": list(model.model.language_model.parameters()) + list(model.lm_head.parameters()),
+    }
+    for part, parameters in parts.items():
+        expected = part in trainable or (part == "vision_last" and "vision" in trainable)
+        assert all(p.requires_grad == expected for p in parameters), part
+
+
+def test_lora_adapter_saves_and_merges_to_a_checkpoint_generating_the_same_tokens(tmp_path):
+    recipe = load_recipe(
+        RECIPE,
+        [
+            f"training.output_dir={tmp_path / 'lora'}",
+            "training.max_steps=5",
+            "lora={r: 4, target: both}",
+        ],
+    )
+    trainer = build_trainer(recipe)
+    trainer.train()
+    trainer.save_model()
+    assert (tmp_path / "lora" / "adapter_config.json").exists()
+    assert (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+    peft_model = trainer.model.eval()
+    processor = trainer.processing_class
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}], add_generation_prompt=True
+    )
+    inputs = processor(text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+    assert not any("lora" in name for name in reloaded.state_dict())
