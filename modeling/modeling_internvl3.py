@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
@@ -343,6 +343,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         image_num_patches: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> InternVL3ModelOutputWithPast:
         r"""
@@ -357,9 +358,16 @@ class InternVL3Model(InternVL3PreTrainedModel):
             Tiles per image, as returned by the processor; checked against `pixel_values` and used in errors.
         v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
             Per-image V2PE increment in 1/256 units (δ = stride / 256), overriding `config.v2pe_mode`.
+        mm_encoder_outputs (`dict`, *optional*):
+            Pre-computed image features instead of `pixel_values`, as in transformers' native InternVL:
+            `{"image": BaseModelOutputWithPooling(pooler_output=features)}` with `features` from
+            `get_image_features`, shape `(num_tiles, image_seq_length, hidden)`. Lets one ViT pass serve
+            several rows (e.g. the chosen and rejected answers of a preference pair).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("InternVL3Model.forward needs exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -374,13 +382,16 @@ class InternVL3Model(InternVL3PreTrainedModel):
             )
 
         image_features = None
-        if pixel_values is not None:
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+        elif pixel_values is not None:
             if image_num_patches is not None and int(image_num_patches.sum()) != pixel_values.shape[0]:
                 raise ValueError(
                     f"image_num_patches {image_num_patches.tolist()} sums to {int(image_num_patches.sum())} tiles but "
                     f"pixel_values holds {pixel_values.shape[0]} tiles."
                 )
             image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
             inputs_embeds = self.merge_image_features(
                 inputs_embeds, image_token_mask, image_features, image_num_patches
             )
@@ -456,6 +467,7 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
         logits_to_keep: int | torch.Tensor = 0,
         image_num_patches: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> InternVL3CausalLMOutputWithPast:
         r"""
@@ -473,6 +485,7 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             image_num_patches=image_num_patches,
             v2pe_strides=v2pe_strides,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
