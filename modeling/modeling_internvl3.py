@@ -246,8 +246,10 @@ class InternVL3Model(InternVL3PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Project tiles `(num_tiles, 3, S, S)` to LLM embeddings `(num_tiles, image_seq_length, hidden)`."""
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """ViT outputs of tiles `(num_tiles, 3, S, S)`, with `pooler_output` the projected LLM embeddings
+        `(num_tiles, image_seq_length, hidden)` (the transformers VLM convention `generate` pre-encodes with)."""
+        kwargs.pop("return_dict", None)
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         layer = self.config.vision_feature_layer
         vision_outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1, **kwargs)
@@ -257,7 +259,11 @@ class InternVL3Model(InternVL3PreTrainedModel):
         features = features.reshape(features.shape[0], side, side, features.shape[-1])
         features = pixel_unshuffle(features, self.config.downsample_ratio, self.config.ps_version)
         features = features.reshape(features.shape[0], -1, features.shape[-1])
-        return self.multi_modal_projector(features)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states,
+            pooler_output=self.multi_modal_projector(features),
+        )
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch, seq)` mask of the `<IMG_CONTEXT>` positions."""
@@ -390,7 +396,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
                     f"image_num_patches {image_num_patches.tolist()} sums to {int(image_num_patches.sum())} tiles but "
                     f"pixel_values holds {pixel_values.shape[0]} tiles."
                 )
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values).pooler_output
         if image_features is not None:
             inputs_embeds = self.merge_image_features(
                 inputs_embeds, image_token_mask, image_features, image_num_patches
@@ -452,7 +458,7 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(

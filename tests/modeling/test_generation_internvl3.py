@@ -114,7 +114,8 @@ def test_pixel_values_used_on_prefill_only(model, make_batch, monkeypatch):
     original_forward = model.model.forward
 
     def forward_spy(*args, **kwargs):
-        forwards.append(kwargs.get("pixel_values") is not None)
+        # generate pre-encodes the images (mm_encoder_outputs) and hands them to the prefill step only.
+        forwards.append(kwargs.get("pixel_values") is not None or bool(kwargs.get("mm_encoder_outputs")))
         return original_forward(*args, **kwargs)
 
     monkeypatch.setattr(model.model, "forward", forward_spy)

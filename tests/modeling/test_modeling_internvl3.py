@@ -149,7 +149,7 @@ def test_get_image_features_matches_native(model, native_factory, pixel_values_f
     native = native_factory(model)
     pixel_values = pixel_values_factory(5)
     with torch.no_grad():
-        ours = model.get_image_features(pixel_values)
+        ours = model.get_image_features(pixel_values).pooler_output
         theirs = native.model.get_image_features(pixel_values).pooler_output
     assert ours.shape == (5, model.config.image_seq_length, model.config.text_config.hidden_size)
     assert_close(ours, theirs)
