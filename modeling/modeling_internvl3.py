@@ -27,6 +27,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import torch_compilable_check
 from transformers.utils.output_capturing import capture_outputs
 
+from .chat_internvl3 import InternVLChatMixin
 from .configuration_internvl3 import InternVL3Config
 from .v2pe import POSITION_UNITS, auto_image_strides, image_spans, units_to_positions, v2pe_position_units
 
@@ -434,8 +435,9 @@ def _cached_next_position(past_key_values: Cache | None) -> torch.Tensor | None:
     return next_position
 
 
-class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin):
-    """InternVL3 with the language-modelling head; `generate` feeds images on prefill only."""
+class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin, InternVLChatMixin):
+    """InternVL3 with the language-modelling head; `generate` feeds images on prefill only; `chat`/`batch_chat`
+    follow the official OpenGVLab API."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
