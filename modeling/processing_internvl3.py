@@ -148,6 +148,8 @@ class InternVL3Processor(ProcessorMixin):
             raise ValueError(f"image_seq_length must be a positive int, got {image_seq_length!r}.")
         image_processor = image_processor if image_processor is not None else InternVL3ImageProcessor()
         chat_template = chat_template if chat_template is not None else CHAT_TEMPLATE
+        # Inference pads on the left (generation); code that pads the tokenizer itself (pipelines) must agree.
+        tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_seq_length = image_seq_length
         self.image_token_id = self._single_token_id(tokenizer, IMAGE_CONTEXT_TOKEN)

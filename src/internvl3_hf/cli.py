@@ -18,11 +18,32 @@ def _convert(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .chat import chat
+    from .chat import ChatSession
 
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    chat(model, processor, args.question, args.image, stream=True, max_new_tokens=args.max_new_tokens, do_sample=False)
+    session = ChatSession(model, processor, system=args.system)
+    settings = {"stream": True, "max_new_tokens": args.max_new_tokens, "do_sample": False}
+    if args.question:
+        session.ask(args.question, args.image, **settings)
+    if not args.interactive:
+        return
+    images = [] if args.question else args.image
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if question in ("", "exit", "quit"):
+            break
+        session.ask(question, images, **settings)
+        images = []
+
+
+def _merge_lora(args: argparse.Namespace) -> None:
+    from .hub import merge_lora
+
+    print(f"merged into {merge_lora(args.adapter, args.output, args.base)}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -55,8 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", required=True, help="checkpoint directory (plugin or official format)")
     chat.add_argument("--image", action="append", default=[], help="image file; repeat for several")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    chat.add_argument("question")
+    chat.add_argument("--system", help="system message (default: the template's)")
+    chat.add_argument("--interactive", action="store_true", help="keep asking follow-up questions (multi-turn)")
+    chat.add_argument("question", nargs="?", help="first question (optional with --interactive)")
     chat.set_defaults(func=_chat)
+
+    merge = commands.add_parser("merge-lora", help="merge a LoRA adapter into its base and save a full checkpoint")
+    merge.add_argument("adapter", help="adapter directory (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("output", help="output directory")
+    merge.add_argument("--base", help="base checkpoint (default: the adapter config's base_model_name_or_path)")
+    merge.set_defaults(func=_merge_lora)
 
     train = commands.add_parser("train", help="SFT / native pre-training from a YAML recipe (see recipes/)")
     train.add_argument("--config", required=True, help="recipe YAML")
@@ -68,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo_out", help="where the tiny checkpoint is written")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(func=_demo)
+
+    from .best_of_n.cli import add_bon_parser
+
+    add_bon_parser(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForCo
 from transformers.utils import cached_file
 
 from ..modeling.configuration_internvl3 import InternVL3Config
+from .serving import warn_if_engines_ignore_v2pe
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -97,6 +98,7 @@ def to_native_model(model) -> InternVLForConditionalGeneration:
 
 def save_hf(model, save_directory: str | Path, processor=None) -> Path:
     """Write `model` (and processor) so that `transformers.InternVLForConditionalGeneration` loads it."""
+    warn_if_engines_ignore_v2pe(model.config)
     save_directory = Path(save_directory)
     to_native_model(model).save_pretrained(save_directory)
     if processor is not None:

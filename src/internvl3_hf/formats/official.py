@@ -17,6 +17,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import InternVLVisionConfig, Qwen2Config
 
 from ..modeling.configuration_internvl3 import InternVL3Config
+from .serving import warn_if_engines_ignore_v2pe
 from .keys import OFFICIAL_KEY_TABLE, OFFICIAL_QKV, PLUGIN_QKV, rename_key
 
 # Token ids an official config.json leaves implicit: every Qwen2-based InternVL3 tokenizer has them, and the official
@@ -206,6 +207,7 @@ def plugin_state_dict_to_official(state_dict: dict[str, torch.Tensor]) -> dict[s
 
 def save_official(model, save_directory: str | Path, processor=None, *, max_shard_size: str = "5GB") -> Path:
     """Write `model` (and the processor's tokenizer) in the official OpenGVLab layout."""
+    warn_if_engines_ignore_v2pe(model.config)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     state_dict = plugin_state_dict_to_official(model.state_dict())
