@@ -148,6 +148,10 @@ class InternVL3TextModel(Qwen2Model):
             raise ValueError("InternVL3TextModel.forward needs exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.training and past_key_values is None:
+            # No cache in training: transformers skips packed-sequence detection whenever a cache exists, so a
+            # packed row would attend across its samples.
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -297,6 +301,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         image_token_mask: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
+        sample_starts: torch.Tensor | None = None,
     ) -> torch.LongTensor:
         """Each image's V2PE stride (δ·256) for this call, following `config.v2pe_mode` unless given."""
         device = image_token_mask.device
@@ -314,7 +319,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
             return choices[torch.randint(len(choices), (num_images,), device=device)]
         if mode == "auto":
             limit = self.config.v2pe_max_position or self.config.text_config.max_position_embeddings
-            return auto_image_strides(image_token_mask, token_mask, self.config.v2pe_strides, limit)
+            return auto_image_strides(image_token_mask, token_mask, self.config.v2pe_strides, limit, sample_starts)
         return torch.full((num_images,), self.config.v2pe_stride, device=device, dtype=torch.long)
 
     def v2pe_positions(
@@ -333,7 +338,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         length = image_token_mask.shape[1]
         token_mask = attention_mask[:, -length:] if attention_mask is not None and attention_mask.dim() == 2 else None
         sample_starts = position_ids == 0 if position_ids is not None else None
-        strides = self.image_strides(image_token_mask, token_mask, v2pe_strides)
+        strides = self.image_strides(image_token_mask, token_mask, v2pe_strides, sample_starts)
         units = v2pe_position_units(image_token_mask, strides, token_mask, sample_starts)
         if start_positions is not None:
             offset = torch.round(start_positions.to(torch.float64) * POSITION_UNITS).long()[:, None]
@@ -383,7 +388,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         if position_ids is not None and position_ids.is_floating_point():
             # Ready-made fractional positions feed the rotary embedding only, never the masks.
             rope_position_ids, position_ids = position_ids, None
-        elif self.config.v2pe_mode != "none" or v2pe_strides is not None:
+        elif self.config.v2pe_mode != "none" or v2pe_strides is not None or _cache_has_v2pe(past_key_values):
             rope_position_ids, strides = self.v2pe_positions(
                 image_token_mask, attention_mask, position_ids, v2pe_strides, _cached_next_position(past_key_values)
             )
@@ -423,6 +428,11 @@ class InternVL3Model(InternVL3PreTrainedModel):
             rope_position_ids=rope_position_ids,
             v2pe_strides=strides,
         )
+
+
+def _cache_has_v2pe(past_key_values: Cache | None) -> bool:
+    """A cache filled under V2PE keeps later calls on V2PE positions, whatever the mode."""
+    return getattr(past_key_values, "v2pe_next_position", None) is not None
 
 
 def _cached_next_position(past_key_values: Cache | None) -> torch.Tensor | None:

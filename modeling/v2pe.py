@@ -19,10 +19,9 @@ DEFAULT_DELTAS = tuple(1 / 2**k for k in range(9))  # {1, 1/2, ..., 1/256}
 
 def delta_to_stride(delta: float) -> int:
     """The integer stride (in 1/256 position units) of a visual-token increment δ; δ must be on the 1/256 grid."""
-    stride = round(delta * POSITION_UNITS)
-    if not 0 < delta <= 1 or abs(stride - delta * POSITION_UNITS) > 1e-9:
+    if not 0 < delta <= 1 or abs(round(delta * POSITION_UNITS) - delta * POSITION_UNITS) > 1e-9:
         raise ValueError(f"V2PE increments δ must be multiples of 1/{POSITION_UNITS} in (0, 1]; got {delta}.")
-    return stride
+    return round(delta * POSITION_UNITS)
 
 
 def image_spans(image_token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +55,10 @@ def v2pe_position_units(
     increments = torch.full_like(image_index, POSITION_UNITS)
     if strides.numel():
         increments = torch.where(is_image, strides[image_index.clamp(min=0)], increments)
-        increments = increments + _ceil_corrections(is_image, increments)
+        corrections = _ceil_corrections(is_image, increments)
+        if sample_starts is not None:  # a packed sample cut right after its image must not shift the next one
+            corrections = corrections.masked_fill(sample_starts, 0)
+        increments = increments + corrections
     if token_mask is not None:
         increments = increments * token_mask.long()
     totals = torch.cumsum(increments, dim=-1)
@@ -96,15 +98,22 @@ def auto_image_strides(
     token_mask: torch.Tensor | None,
     candidate_strides: list[int],
     max_position: int,
+    sample_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per image, the largest candidate stride whose sample still ends below `max_position` (δ from the context
     length); a sample that fits with none gets the smallest. Every image of a row shares its row's δ."""
     starts = image_token_mask & ~torch.nn.functional.pad(image_token_mask[:, :-1], (1, 0), value=False)
-    row_of_image = starts.nonzero()[:, 0]
-    chosen = torch.full((image_token_mask.shape[0],), min(candidate_strides), dtype=torch.long)
-    chosen = chosen.to(image_token_mask.device)
+    batch, length = image_token_mask.shape
+    # One id per (row, packed sample): each sample is judged on its own positions.
+    segment = torch.arange(batch, device=image_token_mask.device)[:, None] * (length + 1)
+    if sample_starts is not None:
+        segment = segment + torch.cumsum(sample_starts.long(), dim=-1)
+    segment = segment.expand(batch, length)
+    segment_of_image = segment[starts]
+    chosen = torch.full((batch * (length + 1),), min(candidate_strides), dtype=torch.long, device=segment.device)
     for stride in sorted(candidate_strides):
-        strides = torch.full_like(row_of_image, stride)
-        last = v2pe_position_units(image_token_mask, strides, token_mask).max(dim=-1).values
+        strides = torch.full_like(segment_of_image, stride)
+        units = v2pe_position_units(image_token_mask, strides, token_mask, sample_starts)
+        last = torch.zeros_like(chosen).scatter_reduce(0, segment.flatten(), units.flatten(), "amax")
         chosen = torch.where(last < max_position * POSITION_UNITS, stride, chosen)
-    return chosen[row_of_image]
+    return chosen[segment_of_image]

@@ -37,7 +37,8 @@ class InternVL3Trainer(Trainer):
 
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
+        # No KV cache: with one, transformers would not isolate the samples of a packed row (eval included).
+        outputs = model(**inputs, use_cache=False)
         loss = weighted_lm_loss(outputs.logits, labels, inputs.get("position_ids"), self.loss_weighting, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over ranks; the normaliser is already global, so undo that mean.

@@ -431,3 +431,15 @@ def test_bfloat16_matches_native(model, native_factory, make_batch):
     assert ours.dtype == torch.bfloat16
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_packed_row_isolates_samples_in_train_mode_without_use_cache_argument(model):
+    """transformers skips packed-sequence detection when a cache exists; training must not create one."""
+    first, second = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    model.train()
+    with torch.no_grad():
+        logits = model(input_ids=packed, position_ids=positions).logits
+        assert_close(logits[:, :4], model(input_ids=first).logits)
+        assert_close(logits[:, 4:], model(input_ids=second).logits)
