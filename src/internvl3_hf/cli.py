@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .best_of_n.cli import add_bon_parser
 
     add_bon_parser(commands)
+
+    from .mpo.cli import add_mpo_parser
+
+    add_mpo_parser(commands)
     return parser
 
 

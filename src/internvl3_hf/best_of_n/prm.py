@@ -17,19 +17,22 @@ with every earlier answer teacher-forced to `+` (VisualPRM's `InternVLRewardMode
 - `per_step` (official `soft`): one pass per step, each continuing the previous ones through the KV cache, logits
   read at the end of the prefix. Same tokens and positions as `single_forward`, so both agree to float noise.
 
-Images are tiled and encoded by the ViT once per question; their features are written into the embeddings of
-every candidate row that needs them, so scoring N candidates never re-runs the vision tower.
+Per question, the images are tiled and encoded by the ViT once (the features reach the model as pre-computed
+`mm_encoder_outputs`), and the conversation prefix all candidates share (system prompt, image tokens, question)
+goes through the critic once: its KV cache serves every candidate row, which then feeds only its own steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 # Verbatim `PRM_SYSTEM_PROMPT` of `internvl_chat/tools/reasoning_data_pipeline/utils/constants.py`.
 PRM_SYSTEM_PROMPT = """\
@@ -62,15 +65,21 @@ SCORING_MODES = ("single_forward", "per_step")
 
 
 # --------------------------------------------------------------------------------------------- steps and scores
-def split_steps(response: str, max_steps: int | None = DEFAULT_MAX_STEPS, separator: str = STEP_SEPARATOR) -> list[str]:
+def _check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int or None (no merging), got {max_steps!r}.")
+
+
+def split_steps(
+    response: str, max_steps: int | None = DEFAULT_MAX_STEPS, separator: str = STEP_SEPARATOR
+) -> list[str]:
     """Split a response into reasoning steps with the official VisualPRM rule (`split_response`).
 
     Steps are the pieces between `separator` (a blank line). With more than `max_steps` pieces, consecutive pieces
-    are merged in groups of ceil(n / max_steps), re-joined with the separator. Nothing is stripped, so a trailing
-    blank line leaves an empty last step, exactly as the critic saw it in training.
+    are merged in groups of ceil(n / max_steps), re-joined with the separator (so 13 pieces and max_steps=12 give
+    7 steps of 2). Nothing is stripped: a trailing blank line leaves an empty last step, as in VisualPRM training.
     """
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive int or None (no merging), got {max_steps!r}.")
+    _check_max_steps(max_steps)
     if not separator:
         raise ValueError("The step separator must be a non-empty string.")
     pieces = response.split(separator)
@@ -80,15 +89,11 @@ def split_steps(response: str, max_steps: int | None = DEFAULT_MAX_STEPS, separa
     return [separator.join(pieces[start : start + group]) for start in range(0, len(pieces), group)]
 
 
-def _product(scores: Sequence[float]) -> float:
-    return math.prod(scores)
-
-
 AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
     "mean": lambda scores: sum(scores) / len(scores),  # VisualPRM's `generate_overall_score` for soft scores
     "min": min,
     "last": lambda scores: scores[-1],
-    "product": _product,
+    "product": math.prod,
 }
 
 
@@ -109,15 +114,16 @@ def as_image_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def check_critic_text(text: str, what: str) -> None:
-    """Refuse text holding chat or image special tokens: it would corrupt the critic conversation."""
+def check_critic_text(text: str, what: str, *, placeholder_allowed: bool = False) -> None:
+    """Refuse text holding chat or image special tokens (they would corrupt the conversation), and `<image>`
+    placeholders where images are placed by the prompt builder."""
     for token in _RESERVED_STRINGS:
         if token in text:
-            raise ValueError(f"The {what} contains the special token {token!r}; remove it (it would break the chat turns).")
-    if what != "response" and IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"The {what} contains the special token {token!r}; remove it (it would break the turns).")
+    if not placeholder_allowed and IMAGE_PLACEHOLDER in text:
         raise ValueError(
             f"The {what} contains an {IMAGE_PLACEHOLDER!r} placeholder; pass images separately (they are placed "
-            "after `### Question:` as in VisualPRM training)."
+            "by the prompt builder, as the official pipelines do)."
         )
 
 
@@ -149,26 +155,20 @@ def expand_image_placeholders(text: str, tiles_per_image: Sequence[int], process
     """Replace the first `<image>` placeholders, in order, by each image's `<img>…</img>` token span."""
     pieces = text.split(IMAGE_PLACEHOLDER, len(tiles_per_image))
     if len(pieces) != len(tiles_per_image) + 1:
-        raise ValueError(f"The prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(tiles_per_image)} images.")
+        raise ValueError(
+            f"The prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(tiles_per_image)} images."
+        )
     spans = [processor.image_span(int(tiles)) for tiles in tiles_per_image]
     return "".join(piece + span for piece, span in zip(pieces, spans)) + pieces[-1]
 
 
 # --------------------------------------------------------------------------------------------- model helpers
-def embed_with_images(model, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings with precomputed image features written over the `<IMG_CONTEXT>` positions (row-major)."""
-    embeds = model.get_input_embeddings()(input_ids)
-    if image_features is None:
-        return embeds
-    image_mask = input_ids == model.config.image_token_id
-    return model.model.merge_image_features(embeds, image_mask, image_features)
-
-
 def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Float rotary positions of a padded batch: V2PE positions under the model's V2PE setting, else 0, 1, 2, …
 
-    Handing them over ready-made lets inputs built from `inputs_embeds` (where image tokens can no longer be
-    recognised) keep V2PE, and lets a padded chunk continue a cache at the right place.
+    Computed once on the full conversations and handed to the model ready-made (float positions feed the rotary
+    embedding only), so that per-step chunks, left-padded and continuing a cache, sit exactly where they sit in
+    the single forward pass.
     """
     if model.config.v2pe_mode != "none":
         positions, _ = model.model.v2pe_positions(input_ids == model.config.image_token_id, attention_mask)
@@ -176,18 +176,18 @@ def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(torch.float32)
 
 
-def _pad(rows: Sequence[Sequence], value, side: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad lists into a `(batch, longest)` tensor and its 0/1 mask."""
+def _pad(rows: Sequence, value, side: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad lists (or 1-D tensors) into a `(batch, longest)` tensor and its 0/1 mask."""
     length = max((len(row) for row in rows), default=0)
-    values = torch.full((len(rows), length), value, dtype=dtype)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    values = torch.full((len(rows), length), value, dtype=dtype, device=device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
     for index, row in enumerate(rows):
         if len(row) == 0:
             continue
         span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
-        values[index, span] = torch.as_tensor(row, dtype=dtype)
+        values[index, span] = torch.as_tensor(row, dtype=dtype, device=device)
         mask[index, span] = 1
-    return values.to(device), mask.to(device)
+    return values, mask
 
 
 def _single_token_id(tokenizer, text: str) -> int:
@@ -208,10 +208,10 @@ class CriticScore:
 
 
 @dataclass
-class _Row:
-    """One tokenized critic conversation: ids, where each step's answer is read, and its question index."""
+class CriticInput:
+    """One tokenized critic conversation: its steps, token ids (image spans expanded) and, per step, the position
+    whose logits predict that step's `+`/`-` answer."""
 
-    question: int
     steps: list[str]
     input_ids: list[int]
     read_positions: list[int]
@@ -221,7 +221,8 @@ class VisualPRM:
     """Score responses step by step with an InternVL3 checkpoint trained as a process reward model (VisualPRM).
 
     Args:
-        model: An `InternVL3ForConditionalGeneration` (for example VisualPRM-8B loaded through the plugin).
+        model: An `InternVL3ForConditionalGeneration` in eval mode (for example VisualPRM-8B loaded through the
+            plugin); its V2PE setting and attention implementation apply.
         processor: Its `InternVL3Processor` (tiling, `<image>` expansion and the `internvl2_5` chat template).
         max_steps: Merge a response into at most this many steps (official rule); `None` keeps every step.
         aggregation: How step scores become a response score: `mean` (official), `min`, `last` or `product`.
@@ -245,7 +246,7 @@ class VisualPRM:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         if mode not in SCORING_MODES:
             raise ValueError(f"Unknown scoring mode {mode!r}; choose one of {SCORING_MODES}.")
-        split_steps("", max_steps)  # validates max_steps
+        _check_max_steps(max_steps)
         self.model = model
         self.processor = processor
         self.max_steps = max_steps
@@ -255,25 +256,25 @@ class VisualPRM:
         tokenizer = processor.tokenizer
         self.good_id = _single_token_id(tokenizer, GOOD)
         self.bad_id = _single_token_id(tokenizer, BAD)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.good_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id works
         # Each answer is `<|im_start|>assistant\n` `+` `<|im_end|>`; the logits that predict `+` sit on the last
         # header token. Tokenizing the header alone must give the same tokens, or per-step prefixes would differ.
         self._header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self._answer_pattern = self._header + [self.good_id, _single_token_id(tokenizer, "<|im_end|>")]
         if tokenizer.encode("<|im_start|>assistant\n+<|im_end|>", add_special_tokens=False) != self._answer_pattern:
-            raise ValueError("The critic tokenizer merges the assistant header with `+`; it is not an InternVL3 tokenizer.")
+            raise ValueError("The critic tokenizer merges the assistant header with `+`: not an InternVL3 tokenizer.")
 
     # ----------------------------------------------------------------------------------------- public API
     def score(
         self,
         question: str,
         responses: Sequence[str],
-        images: Sequence | None = None,
+        images=None,
         *,
         orm: bool = False,
         mode: ScoringMode | None = None,
     ) -> list[CriticScore]:
-        """Score the `responses` to one `question` about `images` (PIL images or paths; `None` for text only).
+        """Score the `responses` to one `question` about `images` (an image or path, a list of them, or `None`).
 
         `orm=True` scores each whole response as a single step (outcome reward, official `orm_soft`).
         """
@@ -289,9 +290,11 @@ class VisualPRM:
         orm: bool = False,
         mode: ScoringMode | None = None,
     ) -> list[list[CriticScore]]:
-        """Score several questions' responses together: `responses[q]` and `images[q]` belong to `questions[q]`.
+        """Score several questions' responses: `responses[q]` and `images[q]` belong to `questions[q]`.
 
-        Each question's images are tiled and encoded once; rows of all questions share critic batches.
+        Per question, the images are tiled and encoded once, and the conversation prefix every candidate shares
+        (system prompt, image tokens, question) goes through the critic once; its KV cache then serves all the
+        candidate rows, which are scored in batches of `batch_size`.
         """
         mode = mode or self.mode
         if mode not in SCORING_MODES:
@@ -301,51 +304,53 @@ class VisualPRM:
                 f"Got {len(questions)} questions, {len(responses)} response lists and {len(images)} image lists; "
                 "give one response list and one (possibly empty) image list per question."
             )
-        encoded = [self._encode_images(as_image_list(question_images)) for question_images in images]
-        features, tiles = [pair[0] for pair in encoded], [pair[1] for pair in encoded]
-        rows = [
-            self._tokenize(index, question, response, tiles[index], orm)
-            for index, (question, question_responses) in enumerate(zip(questions, responses))
-            for response in self._check_responses(question, question_responses)
-        ]
-        step_scores = self._score_rows(rows, features, mode)
-        scores = [
-            CriticScore(row.steps, row_scores, aggregate_step_scores(row_scores, self.aggregation))
-            for row, row_scores in zip(rows, step_scores)
-        ]
-        grouped = [[] for _ in questions]
-        for row, score in zip(rows, scores):
-            grouped[row.question].append(score)
-        return grouped
+        for group in responses:
+            self._check_responses(group)
+        results = []
+        for question, group, question_images in zip(questions, responses, images):
+            features, tiles = self._encode_images(as_image_list(question_images))
+            rows = [self.tokenize(question, response, tiles, orm=orm) for response in group]
+            step_scores = self._score_question(rows, features, mode)
+            results.append(
+                [
+                    CriticScore(row.steps, scores, aggregate_step_scores(scores, self.aggregation))
+                    for row, scores in zip(rows, step_scores)
+                ]
+            )
+        return results
 
     # ----------------------------------------------------------------------------------------- inputs
     @staticmethod
-    def _check_responses(question: str, responses: Sequence[str]) -> Sequence[str]:
+    def _check_responses(responses: Sequence[str]) -> None:
         if isinstance(responses, str):
-            raise TypeError("responses must be a list of strings, not a single string.")
+            raise TypeError("responses must be a list of strings per question, not a single string.")
         if len(responses) == 0:
             raise ValueError("The candidate list is empty: give the critic at least one response per question.")
-        check_critic_text(question, "question")
         for response in responses:
-            check_critic_text(response, "response")
-        return responses
+            check_critic_text(response, "response", placeholder_allowed=True)
 
     def _encode_images(self, images: list) -> tuple[torch.Tensor | None, list[int]]:
         """Tile a question's images and run the vision tower once: `(features, tiles per image)`."""
         if not images:
             return None, []
         tiled = self.processor.image_processor(images, return_tensors="pt")
-        pixel_values = tiled["pixel_values"].to(self.model.device)
-        return self.model.get_image_features(pixel_values), tiled["image_num_patches"].tolist()
+        features = self.model.get_image_features(tiled["pixel_values"].to(self.model.device)).pooler_output
+        return features, tiled["image_num_patches"].tolist()
 
-    def _tokenize(self, question_index: int, question: str, response: str, tiles: list[int], orm: bool) -> _Row:
+    def tokenize(
+        self, question: str, response: str, tiles_per_image: Sequence[int] = (), *, orm: bool = False
+    ) -> CriticInput:
+        """The critic conversation for `response` as token ids, for images of `tiles_per_image` tiles each."""
+        check_critic_text(question, "question")
+        check_critic_text(response, "response", placeholder_allowed=True)  # plain text there, never expanded
         steps = [response] if orm else split_steps(response, self.max_steps)
-        text = render_critic_prompt(self.processor, question, steps, len(tiles))
-        input_ids = self.processor.tokenizer(expand_image_placeholders(text, tiles, self.processor))["input_ids"]
+        text = render_critic_prompt(self.processor, question, steps, len(tiles_per_image))
+        text = expand_image_placeholders(text, tiles_per_image, self.processor)
+        input_ids = self.processor.tokenizer(text)["input_ids"]
         read_positions = self._read_positions(input_ids)
         if len(read_positions) != len(steps):
             raise ValueError(f"Found {len(read_positions)} answer turns for {len(steps)} steps in the critic prompt.")
-        return _Row(question_index, steps, input_ids, read_positions)
+        return CriticInput(steps, input_ids, read_positions)
 
     def _read_positions(self, input_ids: list[int]) -> list[int]:
         """Positions whose logits predict each step's answer: the last token of each answer turn's header."""
@@ -356,23 +361,44 @@ class VisualPRM:
             if input_ids[start : start + width] == pattern
         ]
 
-    def _batch_inputs(self, rows: list[_Row], features: Sequence[torch.Tensor | None]):
-        """Right-padded ids, mask, rotary positions and the image features of `rows`, in row order."""
+    # ----------------------------------------------------------------------------------------- scoring
+    def _score_question(
+        self, rows: list[CriticInput], features: torch.Tensor | None, mode: ScoringMode
+    ) -> list[list[float]]:
+        """Step scores of one question's rows: the shared prefix once, then the rest in batches (longest first)."""
         device = self.model.device
         input_ids, mask = _pad([row.input_ids for row in rows], self.pad_id, "right", torch.long, device)
-        row_features = [features[row.question] for row in rows if features[row.question] is not None]
-        image_features = torch.cat(row_features) if row_features else None
-        return input_ids, mask, rope_positions(self.model, input_ids, mask), image_features
-
-    # ----------------------------------------------------------------------------------------- scoring
-    def _score_rows(self, rows: list[_Row], features, mode: ScoringMode) -> list[list[float]]:
-        """Step scores per row, computed in batches of similar length (longest first) and put back in order."""
+        positions = rope_positions(self.model, input_ids, mask)
+        image_mask = input_ids[0] == self.model.config.image_token_id
+        shared = _shared_prefix_length(rows, input_ids, positions, image_mask)
+        images = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features is not None else None
+        images_in_prefix = bool(image_mask[:shared].any())
+        prefix_cache = None
+        if shared:
+            prefix_cache = DynamicCache(config=self.model.config.get_text_config())
+            self.model.model(
+                input_ids=input_ids[:1, :shared],
+                attention_mask=mask[:1, :shared],
+                position_ids=positions[:1, :shared],
+                past_key_values=prefix_cache,
+                use_cache=True,
+                mm_encoder_outputs=images if images_in_prefix else None,
+            )
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index].input_ids))
         results: list[list[float]] = [[] for _ in rows]
         score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            for index, scores in zip(indices, score_batch([rows[index] for index in indices], features)):
+            batch = _Batch(
+                rows=[rows[index] for index in indices],
+                input_ids=input_ids[indices],
+                mask=mask[indices],
+                positions=positions[indices],
+                shared=shared,
+                cache=_repeat_cache(prefix_cache, len(indices)),
+                images=None if images_in_prefix else _repeat_images(images, len(indices)),
+            )
+            for index, scores in zip(indices, score_batch(batch)):
                 results[index] = scores
         return results
 
@@ -381,59 +407,124 @@ class VisualPRM:
         logits = self.model.get_output_embeddings()(hidden)[:, [self.good_id, self.bad_id]].float()
         return logits.softmax(-1)[:, 0]
 
-    def _score_single_forward(self, rows: list[_Row], features) -> list[list[float]]:
-        input_ids, mask, positions, image_features = self._batch_inputs(rows, features)
-        embeds = embed_with_images(self.model, input_ids, image_features)
-        hidden = self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-        row_index = torch.tensor([i for i, row in enumerate(rows) for _ in row.read_positions], device=hidden.device)
-        read_at = torch.tensor([p for row in rows for p in row.read_positions], device=hidden.device)
+    def _score_single_forward(self, batch: _Batch) -> list[list[float]]:
+        """Everything after the shared prefix in one pass; logits read at every answer position."""
+        end = max(len(row.input_ids) for row in batch.rows)
+        hidden = self.model.model(
+            input_ids=batch.input_ids[:, batch.shared : end],
+            attention_mask=batch.mask[:, :end],
+            position_ids=batch.positions[:, batch.shared : end],
+            past_key_values=batch.cache,
+            mm_encoder_outputs=batch.images,
+        ).last_hidden_state
+        row_index = [index for index, row in enumerate(batch.rows) for _ in row.read_positions]
+        read_at = [position - batch.shared for row in batch.rows for position in row.read_positions]
         probabilities = self._good_probability(hidden[row_index, read_at]).tolist()
         scores, start = [], 0
-        for row in rows:
+        for row in batch.rows:
             scores.append(probabilities[start : start + len(row.steps)])
             start += len(row.steps)
         return scores
 
-    def _score_per_step(self, rows: list[_Row], features) -> list[list[float]]:
+    def _score_per_step(self, batch: _Batch) -> list[list[float]]:
         """One pass per step: step k feeds the tokens after step k-1's answer position up to its own, on the cache.
 
         Chunks are left-padded so every row's newest token is last; the attention mask keeps the padding (also the
         padding left inside the cache by earlier chunks) out of attention, and positions come from the full rows.
         """
         device = self.model.device
-        _, _, full_positions, image_features = self._batch_inputs(rows, features)
-        cache, seen_mask = DynamicCache(config=self.model.config.get_text_config()), None
-        scores: list[list[float]] = [[] for _ in rows]
-        for step in range(max(len(row.steps) for row in rows)):
-            bounds = [self._chunk_bounds(row, step) for row in rows]
+        cache = batch.cache if batch.cache is not None else DynamicCache(config=self.model.config.get_text_config())
+        seen_mask = batch.mask[:, : batch.shared]
+        scores: list[list[float]] = [[] for _ in batch.rows]
+        for step in range(max(len(row.steps) for row in batch.rows)):
+            bounds = [_chunk_bounds(row, step, batch.shared) for row in batch.rows]
             chunk_ids, chunk_mask = _pad(
-                [row.input_ids[start:end] for row, (start, end) in zip(rows, bounds)], self.pad_id, "left", torch.long, device
-            )
+                [row.input_ids[start:end] for row, (start, end) in zip(batch.rows, bounds)],
+                self.pad_id, "left", torch.long, device,
+            )  # fmt: skip
             chunk_positions, _ = _pad(
-                [full_positions[i, start:end].tolist() for i, (start, end) in enumerate(bounds)], 0.0, "left", full_positions.dtype, device
-            )
-            embeds = embed_with_images(self.model, chunk_ids, image_features if step == 0 else None)
-            seen_mask = chunk_mask if seen_mask is None else torch.cat([seen_mask, chunk_mask], dim=-1)
+                [batch.positions[index, start:end] for index, (start, end) in enumerate(bounds)],
+                0.0, "left", batch.positions.dtype, device,
+            )  # fmt: skip
+            seen_mask = torch.cat([seen_mask, chunk_mask], dim=-1)
             hidden = self.model.model(
-                inputs_embeds=embeds, attention_mask=seen_mask, position_ids=chunk_positions, past_key_values=cache, use_cache=True
+                input_ids=chunk_ids,
+                attention_mask=seen_mask,
+                position_ids=chunk_positions,
+                past_key_values=cache,
+                use_cache=True,
+                mm_encoder_outputs=batch.images if step == 0 else None,  # image tokens all sit in the first chunk
             ).last_hidden_state[:, -1]
             probabilities = self._good_probability(hidden).tolist()
-            for index, row in enumerate(rows):
+            for index, row in enumerate(batch.rows):
                 if step < len(row.steps):
                     scores[index].append(probabilities[index])
         return scores
 
-    @staticmethod
-    def _chunk_bounds(row: _Row, step: int) -> tuple[int, int]:
-        """Token span fed for `step`: from just after the previous read position through this step's one."""
-        if step >= len(row.steps):
-            return 0, 0
-        start = 0 if step == 0 else row.read_positions[step - 1] + 1
-        return start, row.read_positions[step] + 1
+
+@dataclass
+class _Batch:
+    """Candidate rows of one question scored together, in full-row (right-padded) coordinates.
+
+    `shared` leading tokens are common to every row and already in `cache` (a per-batch copy of the prefix
+    cache); `images` holds the rows' image features when no prefix took them.
+    """
+
+    rows: list[CriticInput]
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    shared: int
+    cache: DynamicCache | None
+    images: dict | None
+
+
+def _shared_prefix_length(
+    rows: list[CriticInput], input_ids: torch.Tensor, positions: torch.Tensor, image_mask: torch.Tensor
+) -> int:
+    """Leading tokens every row has with the same id at the same rotary position, stopping before the first read
+    position (its hidden state is needed per row) and never inside the image tokens: the prefix holds all of them
+    or none. Normally that is everything up to the first step; rows whose V2PE `auto` strides differ share only
+    the text before the image."""
+    limit = min(row.read_positions[0] for row in rows)
+    same_ids = (input_ids[:, :limit] == input_ids[:1, :limit]).all(0)
+    same_positions = (positions[:, :limit] == positions[:1, :limit]).all(0)
+    differing = (~(same_ids & same_positions)).nonzero()
+    shared = int(differing[0]) if len(differing) else limit
+    image_positions = image_mask.nonzero()
+    if len(image_positions) and shared <= int(image_positions[-1]):
+        shared = min(shared, int(image_positions[0]))
+    return shared
+
+
+def _repeat_cache(cache: DynamicCache | None, rows: int) -> DynamicCache | None:
+    """A copy of the prefix cache for a batch of `rows` (the forward pass appends to it)."""
+    if cache is None:
+        return None
+    copy = deepcopy(cache)
+    copy.batch_repeat_interleave(rows)
+    return copy
+
+
+def _repeat_images(images: dict | None, rows: int) -> dict | None:
+    """The question's image features once per row, in row order (what the `<IMG_CONTEXT>` tokens expect)."""
+    if images is None:
+        return None
+    return {"image": BaseModelOutputWithPooling(pooler_output=images["image"].pooler_output.repeat(rows, 1, 1))}
+
+
+def _chunk_bounds(row: CriticInput, step: int, shared: int) -> tuple[int, int]:
+    """Token span fed for `step`: from just after the previous read position (the shared prefix's end for the
+    first step) through this step's one; empty once the row has no more steps."""
+    if step >= len(row.steps):
+        return 0, 0
+    start = shared if step == 0 else row.read_positions[step - 1] + 1
+    return start, row.read_positions[step] + 1
 
 
 __all__ = [
     "AGGREGATIONS",
+    "CriticInput",
     "CriticScore",
     "DEFAULT_MAX_STEPS",
     "PRM_SYSTEM_PROMPT",
@@ -441,7 +532,6 @@ __all__ = [
     "aggregate_step_scores",
     "as_image_list",
     "critic_messages",
-    "embed_with_images",
     "expand_image_placeholders",
     "render_critic_prompt",
     "rope_positions",

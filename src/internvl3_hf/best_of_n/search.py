@@ -9,6 +9,7 @@ Strategies, all through the same call so they can be compared on the same data:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..chat import build_messages
-from .prm import VisualPRM, as_image_list, check_critic_text, embed_with_images, rope_positions
+from .prm import VisualPRM, as_image_list, check_critic_text
 
 STRATEGIES = ("prm", "orm", "majority")
 
@@ -105,13 +106,18 @@ class BestOfNResult:
         return self.candidates[self.best_index]
 
     def to_dict(self) -> dict:
-        """JSON-ready: `best_index`, `response`, `strategy` and every candidate (with `empty`)."""
+        """JSON-ready: `best_index`, `response`, `strategy` and every candidate (with `empty`; the -inf score of an
+        empty candidate becomes `None`, as strict JSON has no infinity)."""
+        candidates = [
+            {**asdict(c), "score": c.score if c.score is None or math.isfinite(c.score) else None, "empty": c.empty}
+            for c in self.candidates
+        ]
         return {
             "question": self.question,
             "response": self.best.text,
             "best_index": self.best_index,
             "strategy": self.strategy,
-            "candidates": [{**asdict(candidate), "empty": candidate.empty} for candidate in self.candidates],
+            "candidates": candidates,
         }
 
 
@@ -136,6 +142,11 @@ def select_best(candidates: Sequence[Candidate], strategy: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- generation
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+
+
 def _eos_ids(model, generate_kwargs: dict) -> set[int]:
     eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     if eos is None:
@@ -152,35 +163,38 @@ def generate_candidates(
     n: int,
     *,
     system: str | None = None,
+    do_sample: bool = True,
     **generate_kwargs,
 ) -> list[list[Candidate]]:
     """Sample `n` answers per question in one batched `generate` (`num_return_sequences=n`).
 
-    Each question's images are tiled and encoded by the vision tower once, then the prompt embeddings are
-    repeated for the `n` samples, so the tiles are never re-encoded per candidate. Under V2PE the prompt's rotary
-    positions are handed to `generate`, which continues them.
+    Each question's images are tiled once; `generate` runs the vision tower once on them and shares the features
+    between the `n` samples (`mm_encoder_outputs`). The policy's V2PE setting and attention backend apply as in
+    any `generate` call.
     """
-    image_lists = [as_image_list(question_images) for question_images in images]
+    _check_n(n)
+    if len(questions) != len(images):
+        raise ValueError(f"Got {len(questions)} questions but {len(images)} image entries; give one per question.")
+    for question in questions:
+        check_critic_text(question, "question")  # the critic reads the same question
+    image_lists = [as_image_list(entry) for entry in images]
     prompts = [
-        processor.apply_chat_template(build_messages(question, len(question_images), system), add_generation_prompt=True)
-        for question, question_images in zip(questions, image_lists)
+        processor.apply_chat_template(build_messages(question, len(entry), system), add_generation_prompt=True)
+        for question, entry in zip(questions, image_lists)
     ]
     inputs = processor(
         text=prompts, images=image_lists if any(image_lists) else None, padding=True, return_tensors="pt"
     ).to(model.device)
-    features = model.get_image_features(inputs["pixel_values"]) if "pixel_values" in inputs else None
-    embeds = embed_with_images(model, inputs["input_ids"], features)
-    if model.config.v2pe_mode != "none":
-        generate_kwargs["position_ids"] = rope_positions(model, inputs["input_ids"], inputs["attention_mask"])
-    output = model.generate(
-        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], num_return_sequences=n, **generate_kwargs
-    )
-    candidates = [_decode_candidate(processor, row, _eos_ids(model, generate_kwargs)) for row in output.tolist()]
+    output = model.generate(**inputs, num_return_sequences=n, do_sample=do_sample, **generate_kwargs)
+    eos_ids = _eos_ids(model, generate_kwargs)
+    candidates = [
+        _decode_candidate(processor, row, eos_ids) for row in output[:, inputs["input_ids"].shape[1] :].tolist()
+    ]
     return [candidates[start : start + n] for start in range(0, len(candidates), n)]
 
 
 def _decode_candidate(processor, tokens: list[int], eos_ids: set[int]) -> Candidate:
-    """Text up to the first end-of-turn token (generated from embeddings, `tokens` hold new tokens only)."""
+    """Text up to the first end-of-turn token; without one, generation hit its token limit."""
     end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
     kept = tokens if end is None else tokens[:end]
     text = processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
@@ -237,8 +251,7 @@ def best_of_n(
         score, extracted answer and `truncated` / `empty` flags. Empty candidates are not sent to the critic
         (score -inf).
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}.")
+    _check_n(n)
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
     if strategy != "majority" and critic is None:
@@ -246,9 +259,6 @@ def best_of_n(
     questions, image_lists = _questions_and_images(question, images)
     if not questions:
         raise ValueError("No questions given.")
-    for text in questions:
-        check_critic_text(text, "question")
-
     candidates = generate_candidates(
         model, processor, questions, image_lists, n, system=system,
         max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs,

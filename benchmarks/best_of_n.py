@@ -1,0 +1,147 @@
+"""Best-of-N throughput: batched generation + batched critic vs a naive loop, side by side in one run.
+
+    python benchmarks/best_of_n.py                       # CPU, tiny policy and critic, 2 questions x N=8
+    python benchmarks/best_of_n.py --questions 8 --n 16 --max-new-tokens 64
+
+Both pipelines answer the same questions about the same images with the same tiny random InternVL3 policy and
+VisualPRM critic (built locally, no download):
+
+- naive loop: per candidate, one `generate` (one sample) and one critic call (tiling and ViT included each time);
+- batched: one `generate` for all questions with `num_return_sequences=N` (one ViT pass per batch), then one
+  `VisualPRM.score_many` call (per question: images tiled and encoded once, the conversation prefix shared by the
+  candidates encoded once, candidates in critic batches), in the single-forward and the per-step scoring modes.
+
+Every candidate is forced to `--max-new-tokens` tokens (`min_new_tokens`), so both pipelines generate the same
+number of tokens. The pipelines are interleaved repeat by repeat so that machine noise hits them alike; the
+table shows the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from internvl3_hf.best_of_n import VisualPRM, generate_candidates
+from internvl3_hf.modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from internvl3_hf.processing import processor_for_config
+from internvl3_hf.tiny import build_tiny_tokenizer, tiny_config
+
+QUESTIONS = [
+    "How many shapes are in the image? Answer the question step by step.",
+    "What colour is the square? Describe the image in detail.",
+    "Count the red shapes, then the blue shapes, and add them.",
+    "Which shape sits left of the blue square?",
+]
+
+
+def build_models(seed: int = 0):
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(tokenizer)
+    torch.manual_seed(seed)
+    policy = InternVL3ForConditionalGeneration(config).eval()
+    critic = InternVL3ForConditionalGeneration(config).eval()
+    return policy, critic, processor_for_config(tokenizer, config)
+
+
+def build_images(count: int) -> list[Image.Image]:
+    """112×56 noise images: 8 tiles + thumbnail of 28 px in the tiny config (36 image tokens each)."""
+    generator = np.random.default_rng(0)
+    return [Image.fromarray(generator.integers(0, 256, (56, 112, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def naive_loop(policy, processor, critic, questions, images, n, generation) -> tuple[float, float]:
+    """One generate and one critic call per candidate; returns (generate seconds, critic seconds)."""
+    generate_time = critic_time = 0.0
+    for question, image in zip(questions, images):
+        for _ in range(n):
+            start = time.perf_counter()
+            candidate = generate_candidates(policy, processor, [question], [[image]], 1, **generation)[0][0]
+            middle = time.perf_counter()
+            critic.score(question, [candidate.text], [image])
+            generate_time, critic_time = generate_time + middle - start, critic_time + time.perf_counter() - middle
+    return generate_time, critic_time
+
+
+def batched(policy, processor, critic, questions, images, n, generation, mode) -> tuple[float, float]:
+    """What `best_of_n` runs: one generate for everything, one critic call for every candidate."""
+    start = time.perf_counter()
+    groups = generate_candidates(policy, processor, questions, [[image] for image in images], n, **generation)
+    middle = time.perf_counter()
+    responses = [[candidate.text for candidate in group] for group in groups]
+    critic.score_many(questions, responses, [[image] for image in images], mode=mode)
+    return middle - start, time.perf_counter() - middle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=2)
+    parser.add_argument("--n", type=int, default=8, help="candidates per question")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--critic-batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: tiny models gain nothing from more, and one "
+        "thread keeps the timings steady on a shared machine)"
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    policy, critic_model, processor = build_models()
+    critic = VisualPRM(critic_model, processor, batch_size=args.critic_batch_size)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
+    images = build_images(args.questions)
+    generation = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=True)
+    pipelines = {
+        "naive loop (1 generate + 1 critic call per candidate)": lambda q, i, n: naive_loop(
+            policy, processor, critic, q, i, n, generation
+        ),
+        "batched generate + batched critic, single_forward": lambda q, i, n: batched(
+            policy, processor, critic, q, i, n, generation, "single_forward"
+        ),
+        "batched generate + batched critic, per_step": lambda q, i, n: batched(
+            policy, processor, critic, q, i, n, generation, "per_step"
+        ),
+    }
+
+    torch.manual_seed(0)
+    for run in pipelines.values():  # warm-up on one question, two candidates
+        run(questions[:1], images[:1], 2)
+    timings = {name: [] for name in pipelines}
+    for _ in range(args.repeats):
+        for name, run in pipelines.items():
+            timings[name].append(run(questions, images, args.n))
+
+    candidates = args.questions * args.n
+    print(
+        f"Best-of-N, tiny InternVL3 policy and critic (random weights), {args.questions} questions x N={args.n}, "
+        f"{args.max_new_tokens} new tokens per candidate, 9 tiles per image, critic batch {args.critic_batch_size}"
+    )
+    machine = platform.processor() or platform.machine()
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {machine}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats\n"
+    )
+    header = f"{'pipeline':<56} {'generate s':>10} {'critic s':>9} {'total s':>8} {'cand/s':>8} {'speed-up':>9}"
+    print(header)
+    print("-" * len(header))
+    naive_total = None
+    for name, runs in timings.items():
+        generate_time = statistics.median(run[0] for run in runs)
+        critic_time = statistics.median(run[1] for run in runs)
+        total = statistics.median(run[0] + run[1] for run in runs)
+        naive_total = naive_total or total
+        print(
+            f"{name:<56} {generate_time:>10.3f} {critic_time:>9.3f} {total:>8.3f} {candidates / total:>8.1f} "
+            f"{naive_total / total:>8.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
