@@ -32,7 +32,7 @@ def target_weights(labels: torch.Tensor, position_ids: torch.Tensor | None, weig
     supervised = targets != IGNORE_INDEX
     if weighting == "token":
         return supervised.double()
-    starts = torch.ones_like(labels, dtype=torch.bool) if position_ids is None else position_ids == 0
+    starts = torch.zeros_like(labels, dtype=torch.bool) if position_ids is None else position_ids == 0
     starts[:, 0] = True
     # One id per (row, sample): restarts within a row, and every row starts a new sample.
     segment = torch.cumsum(starts.flatten(), 0).view_as(labels)[:, 1:] - 1

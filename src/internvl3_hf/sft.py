@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .losses import WEIGHTINGS, target_weights, weighted_lm_loss
 
@@ -17,11 +17,15 @@ class InternVL3Trainer(Trainer):
 
     loss_is_scaled_for_ga = True  # normalised by the step's global weight total, not per micro-batch
 
-    def __init__(self, *args, loss_weighting: str = "square", **kwargs):
+    def __init__(self, model=None, args: TrainingArguments | None = None, *rest, loss_weighting: str = "square", **kwargs):
         if loss_weighting not in WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}.")
         self.loss_weighting = loss_weighting
-        super().__init__(*args, **kwargs)
+        if args is not None and args.ddp_find_unused_parameters is None:
+            # A text-only micro-batch leaves the ViT and projector unused: DDP must not wait for their gradients
+            # (read when the accelerator is created, inside Trainer.__init__).
+            args.ddp_find_unused_parameters = True
+        super().__init__(model, args, *rest, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The optimizer step's total loss weight, over its micro-batches and (when averaging) all ranks."""

@@ -86,7 +86,7 @@ class SFTDataset(Dataset):
 
 def _reason(error: DataError) -> str:
     """A short category of a data error, for the drop counts."""
-    text = str(error)
+    text = str(error).split(": ", 1)[-1]  # after the origin: a path must not decide the reason
     for key, reason in (
         ("does not exist", "missing image"),
         ("not a readable image", "corrupt image"),

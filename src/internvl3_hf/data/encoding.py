@@ -110,16 +110,21 @@ class SupervisedEncoder:
     def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, supervised) pieces at the assistant answers."""
         template = self.processor.apply_chat_template
+        messages = _flatten_content(sample.messages, sample.origin)
         try:
-            text = template(sample.messages, tokenize=False)
+            text = template(messages, tokenize=False)
         except Exception as error:  # jinja raises for unknown roles/content types: report, don't crash the run
             raise DataError(f"{sample.origin}: the chat template rejected the conversation ({error}).") from error
         segments, cursor = [], 0
-        for index, message in enumerate(sample.messages):
+        for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(template(sample.messages[:index], tokenize=False, add_generation_prompt=True))
-            end = text.index(END_OF_TURN, start) + len(END_OF_TURN)
+            start = len(template(messages[:index], tokenize=False, add_generation_prompt=True))
+            stop = len(template(messages[: index + 1], tokenize=False))
+            end = text.find(END_OF_TURN, start, stop)
+            if end < 0:
+                raise DataError(f"{sample.origin}: assistant turn {index} is empty.")
+            end += len(END_OF_TURN)
             segments += [(text[cursor:start], False), (text[start:end], True)]
             cursor = end
         segments.append((text[cursor:], False))
@@ -185,3 +190,30 @@ class SupervisedEncoder:
                 out = image_processor.preprocess_frames(frames[index], return_tensors="pt")
             tiles.append(out["pixel_values"])
         return torch.cat(tiles) if tiles else None
+
+
+def _flatten_content(messages: list[dict], origin: str) -> list[dict]:
+    """String contents, images numbered over the whole conversation (`Image-k:` when it holds several), so that
+    rendering a prefix of the conversation gives a prefix of the full rendering."""
+    count = sum(
+        1 for m in messages if not isinstance(m["content"], str) for item in m["content"] if item.get("type") == "image"
+    )
+    flat, number = [], 0
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            parts = []
+            for item in content:
+                kind = item.get("type")
+                if kind == "image":
+                    number += 1
+                    parts.append(f"Image-{number}: {IMAGE_PLACEHOLDER}\n" if count > 1 else f"{IMAGE_PLACEHOLDER}\n")
+                elif kind == "video":
+                    parts.append(f"{VIDEO_PLACEHOLDER}\n")
+                elif kind == "text":
+                    parts.append(item.get("text") or "")
+                else:
+                    raise DataError(f"{origin}: unsupported content type {kind!r}; use text, image or video.")
+            content = "".join(parts)
+        flat.append({**message, "content": content})
+    return flat
