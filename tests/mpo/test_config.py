@@ -60,3 +60,17 @@ def test_trainer_refuses_a_plain_dpo_config(tmp_path):
     args = DPOConfig(str(tmp_path), use_cpu=True, bf16=False, report_to=[])
     with pytest.raises(TypeError, match="needs an MPOConfig"):
         MPOTrainer(model, args=args, train_dataset=[], processing_class=processor)
+
+
+def test_official_8b_recipe_settings():
+    from internvl3_hf.train import load_recipe
+
+    recipe = load_recipe("recipes/internvl3_8b_mpo.yaml")
+    training = dict(recipe["training"])
+    assert training.pop("deepspeed") == "recipes/deepspeed/zero3.json"
+    args = MPOConfig(**{**training, "bf16": False, "use_cpu": True, "report_to": []})
+    assert args.term_weights == {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0} and args.beta == 0.1
+    assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.num_train_epochs) == (2e-7, 0.03, 0.05, 1)
+    assert args.lr_scheduler_type == "cosine" and args.max_length == 12288
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 256  # 8 GPUs
+    assert recipe["model"]["name_or_path"].endswith("InternVL3-8B-Instruct") and "lora" not in recipe

@@ -117,7 +117,8 @@ def test_reward_shift_is_the_running_mean_of_the_rewards(tmp_path, rule):
     assert logged == pytest.approx(shifts, abs=1e-5)
     # Only training moves δ.
     metrics = trainer.evaluate(trainer.train_dataset)
-    assert trainer.reward_shift.value == pytest.approx(expected, abs=1e-5) and metrics["eval_mpo/reward_shift"] == trainer.reward_shift.value
+    assert trainer.reward_shift.value == pytest.approx(expected, abs=1e-5)
+    assert metrics["eval_mpo/reward_shift"] == trainer.reward_shift.value
 
 
 def test_reward_shift_moves_once_per_optimizer_step_whatever_the_accumulation(tmp_path):

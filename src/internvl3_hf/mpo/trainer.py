@@ -323,7 +323,8 @@ class MPOTrainer(DPOTrainer):
 
         if mode == "train":
             self.reward_shift.observe(torch.cat([chosen_rewards, rejected_rewards]))
-        self._log_metrics(mode, inputs, outputs, terms, delta, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+        logps, rewards = (chosen_logps, rejected_logps), (chosen_rewards, rejected_rewards)
+        self._log_metrics(mode, inputs, outputs, terms, delta, logps, rewards)
 
         if return_outputs:
             with torch.no_grad():
@@ -331,7 +332,9 @@ class MPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode, inputs, outputs, terms, delta, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
+    def _log_metrics(self, mode, inputs, outputs, terms, delta, logps, rewards):
+        """TRL's metrics (same names and reductions) plus the three MPO terms and δ."""
+        (chosen_logps, rejected_logps), (chosen_rewards, rejected_rewards) = logps, rewards
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         shift_completion_mask = inputs["completion_mask"][..., 1:]

@@ -1,0 +1,491 @@
+"""SFT tokens/s and peak memory: this plugin (packed, `InternVL3Trainer`) vs native InternVL + TRL `SFTTrainer`.
+
+    python benchmarks/train_step.py                      # CPU, small config, ~2-3 minutes
+    python benchmarks/train_step.py --repeats 3 --samples 96
+    python benchmarks/train_step.py --size 1b --dtype bfloat16 --attn flash_attention_2   # GPU
+
+Both variants train one epoch over the same skewed-length synthetic data (`skewed_samples`: mostly short one-tile
+image questions with a one-line answer, and a minority of long samples, a 3-tile image with a long answer; lengths
+differ ~10x), starting from the same random weights:
+
+- **plugin, packed**: `InternVL3Trainer` (square loss weighting) over `SFTDataset(max_packed_tokens=...)` with
+  `SFTCollator(padding_free=True)`: samples best-fit packed into one row per step, per-sample positions, no padding.
+- **native + TRL SFTTrainer, padded**: `transformers.InternVLForConditionalGeneration` holding the same weights
+  (`internvl3_hf.formats.hf.to_native_model`), trained by `trl.SFTTrainer` on a `datasets.Dataset` in the
+  conversational `messages` + `images` layout, so TRL's own `DataCollatorForVisionLanguageModeling` tokenises and
+  tiles every batch with transformers' native `InternVLProcessor` and right-pads it. TRL refuses `packing=True` and
+  `padding_free=True` for vision datasets: padding is what a TRL user gets.
+
+  One adaptation was needed offline: transformers' `InternVLProcessor` cannot be constructed without torchvision
+  (its `video_processor` slot is checked against a class that only exists with torchvision, which this venv does
+  not have). The baseline uses a subclass, `NativeProcessor`, that declares only the image processor
+  (`GotOcr2ImageProcessorPil`, the one the `-hf` checkpoints ship) and the tokenizer; every image and text path is
+  transformers' own code. TRL's collator puts the loss on every non-pad token (its default for vision data); the
+  plugin only on assistant answers: the compute per token is the same, only which targets count differs.
+
+Common settings: the same per-step budget (TRL: `--batch-size` padded rows, default 8; plugin: one packed row of
+`--max-packed-tokens`, default 4096, ≈ the real tokens of 8 rows of this data), AdamW, fp32 on CPU, no gradient
+checkpointing in either (TRL turns it on by default; `--gradient-checkpointing` turns it on in both), sdpa attention,
+`dataloader_num_workers=0`, no logging or saving. Each variant first runs 1 warm-up step (on a few short samples), then a
+fresh trainer on the same model trains one full epoch; tokens/s = real (non-pad) tokens of the epoch / epoch wall time
+(`on_train_begin` → `on_train_end`), so both see exactly the same samples; the padded variant's pad slots are
+reported, not counted.
+
+Memory: every variant runs in a fresh Python process (one per variant and repeat; variants alternate, the order
+swapping every repeat), so one variant's allocations cannot raise another's figure. On CPU, "peak RSS" is that
+process's `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the high-water mark of its resident memory (all of it:
+Python, torch, data, model, optimizer state, activations, allocator caches), and "training Δ" is that peak minus
+the RSS just before training (model and data already built), i.e. what training itself added. tracemalloc would be
+wrong here: torch tensors are not allocated through Python's allocator. On CUDA the figure is
+`torch.cuda.max_memory_allocated()` (tensors only). The medians over repeats are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+
+SIZES = {
+    # 224-px tiles, patch 14 -> 64 image tokens per tile; a 4-layer Qwen2 of width 256.
+    "small": dict(
+        image_size=224,
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+        text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=None),  # None: the tiny tokenizer's vocabulary
+    ),
+    # InternVL3-1B: InternViT-300M on 448-px tiles (256 tokens per tile) + Qwen2.5-0.5B, random weights.
+    "1b": dict(
+        image_size=448,
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151674),
+    ),
+}
+VARIANTS = {
+    "plugin-packed": "plugin InternVL3Trainer, packed (padding-free)",
+    "plugin-padded": "plugin InternVL3Trainer, padded (no packing)",
+    "trl-native-padded": "native InternVL + TRL SFTTrainer, padded",
+}
+WORDS = (
+    "the quick brown fox jumps over lazy dog red circle sits left of blue square how many shapes are in image there "
+    "three two triangles and one describe picture shows green triangle on white background what colour is yellow "
+    "answer question step by count add them frame please thanks hello world"
+).split()
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def skewed_samples(count: int, image_size: int, long_share: float = 0.125, long_words: int = 300, seed: int = 0):
+    """`count` samples, deterministic: mostly short (one-tile image, one-line answer), `long_share` long
+    (a 2x1-tile image + thumbnail, an answer of `long_words` words), in random order.
+
+    Every sample has a short system turn: the default InternVL system prompt is Chinese, which the tiny byte-level
+    tokenizer spells in ~180 tokens (the real Qwen2 tokenizer in ~35), and would make every short sample long."""
+    from internvl3_hf.data import Sample
+
+    rng = random.Random(seed)
+    pixels = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        long = rng.random() < long_share
+        width = 2 * image_size if long else image_size
+        image = PIL.Image.fromarray(pixels.integers(0, 256, (image_size, width, 3), dtype=np.uint8))
+        if long:
+            question = "Describe the image in detail."
+            answer = " ".join(rng.choice(WORDS) for _ in range(long_words)) + "."
+        else:
+            question = "What colour is the square?"
+            answer = f"The square is {rng.choice(['red', 'green', 'blue', 'yellow'])}."
+        samples.append(
+            Sample(
+                messages=[
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "<image>\n" + question},
+                    {"role": "assistant", "content": answer},
+                ],
+                images=[image],
+                origin=f"skewed[{index}]",
+            )
+        )
+    return samples
+
+
+def build_config(size: str, tokenizer):
+    from transformers import InternVLVisionConfig, Qwen2Config
+
+    from internvl3_hf import InternVL3Config
+
+    sizes = SIZES[size]
+    image_size, patch = sizes["image_size"], 14
+    vision = InternVLVisionConfig(
+        image_size=image_size, patch_size=patch, attention_bias=True, layer_scale_init_value=0.1, **sizes["vision"]
+    )
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = Qwen2Config(
+        **{**sizes["text"], "vocab_size": sizes["text"]["vocab_size"] or len(tokenizer)},
+        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+        bos_token_id=pad, eos_token_id=pad, pad_token_id=pad,
+    )
+    return InternVL3Config(
+        vision_config=vision,
+        text_config=text,
+        force_image_size=image_size,
+        image_seq_length=(image_size // patch) ** 2 // 4,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_start_token_id=tokenizer.convert_tokens_to_ids("<img>"),
+        image_end_token_id=tokenizer.convert_tokens_to_ids("</img>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def native_twin(plugin):
+    """`to_native_model(plugin)`, with the non-persistent buffers (rotary `inv_freq`) it leaves on the meta device
+    taken from `plugin` too (same names); a no-op once `to_native_model` shares them itself."""
+    from internvl3_hf.formats.hf import to_native_model
+
+    native = to_native_model(plugin)
+    plugin_buffers = dict(plugin.named_buffers())
+    for name, buffer in list(native.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            native.get_submodule(module_name)._buffers[buffer_name] = plugin_buffers[name]
+    return native
+
+
+def native_processor(processor, config):
+    """transformers' `InternVLProcessor` for `config`, without its video processor (needs torchvision)."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
+
+    from internvl3_hf.formats.hf import save_hf_processor
+
+    class NativeProcessor(InternVLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="native-processor-"))
+    save_hf_processor(processor, config, directory)  # exactly the files an `-hf` checkpoint ships
+    return NativeProcessor(
+        GotOcr2ImageProcessorPil.from_pretrained(directory),
+        AutoTokenizer.from_pretrained(directory),
+        chat_template=(directory / "chat_template.jinja").read_text(),
+        image_seq_length=config.image_seq_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class TokenCounter:
+    """Wraps a collator: counts real (non-pad) tokens and row slots of every batch it makes."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens = 0
+        self.slots = 0
+
+    def __call__(self, items):
+        batch = self.collator(items)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.slots += batch["input_ids"].numel()
+        return batch
+
+
+def build_trainer(variant: str, model, processor, samples, args, output_dir: str, max_steps: int = -1):
+    from transformers import TrainingArguments
+
+    common = dict(
+        output_dir=output_dir,
+        num_train_epochs=1,
+        max_steps=max_steps,
+        learning_rate=1e-5,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.dtype == "bfloat16",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    if variant.startswith("plugin"):
+        from internvl3_hf.data import SFTCollator, SFTDataset, SupervisedEncoder
+        from internvl3_hf.sft import InternVL3Trainer
+
+        packed = variant == "plugin-packed"
+        dataset = SFTDataset(
+            samples,
+            SupervisedEncoder(processor, max_length=None, seed=0),
+            max_packed_tokens=args.max_packed_tokens if packed else None,
+        )
+        collator = TokenCounter(SFTCollator(processor.tokenizer.pad_token_id, padding_free=packed))
+        training_args = TrainingArguments(per_device_train_batch_size=1 if packed else args.batch_size, **common)
+        trainer = InternVL3Trainer(
+            model=model, args=training_args, train_dataset=dataset, data_collator=collator, loss_weighting="square"
+        )
+        return trainer, collator
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [
+        {
+            # TRL inserts the image block itself (before the first user text), as `<image>` did.
+            "messages": [
+                {"role": message["role"], "content": message["content"].replace("<image>\n", "")}
+                for message in sample.messages
+            ],
+            "images": list(sample.images),
+        }
+        for sample in samples
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+    config = SFTConfig(per_device_train_batch_size=args.batch_size, max_length=None, **common)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
+    trainer.data_collator = TokenCounter(trainer.data_collator)
+    return trainer, trainer.data_collator
+
+
+def worker(args) -> None:
+    """One variant in this process: set up, warm up, then one epoch per `epoch` line on stdin, one JSON line each on
+    the protocol stream; `quit` answers with the process's memory figures."""
+    protocol = os.fdopen(os.dup(1), "w")  # fd 1 itself goes to stderr: Trainer and TRL print to stdout
+    os.dup2(2, 1)
+    import torch
+    import transformers
+    from transformers import TrainerCallback
+
+    from internvl3_hf import InternVL3ForConditionalGeneration
+    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.tiny import build_tiny_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    variant = args.worker
+    tokenizer = build_tiny_tokenizer()
+    config = build_config(args.size, tokenizer)
+    torch.manual_seed(0)
+    model = InternVL3ForConditionalGeneration(config).to(getattr(torch, args.dtype))
+    processor = processor_for_config(tokenizer, config)
+    if variant == "trl-native-padded":
+        model = native_twin(model)
+        processor = native_processor(processor, config)
+    model.set_attn_implementation(args.attn)
+    model.train()
+    samples = skewed_samples(args.samples, SIZES[args.size]["image_size"], long_share=args.long_share,
+                             long_words=args.long_words)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model.cuda()
+    setup_rss = rss_mib()
+    output_dir = tempfile.mkdtemp(prefix=f"bench-{variant}-")
+
+    # Warm-up (lazy initialisation, allocator, optimizer code paths) on a few short samples: one cheap step.
+    short = [sample for sample in samples if len(sample.messages[-1]["content"]) < 100][: args.batch_size]
+    warmup, _ = build_trainer(variant, model, processor, short, args, output_dir, max_steps=1)
+    warmup.train()
+    del warmup
+    gc.collect()
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *unused, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_train_end(self, *unused, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+
+    def send(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    send({"ready": True})
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for line in sys.stdin:
+        if line.strip() != "epoch":
+            break
+        trainer, counter = build_trainer(variant, model, processor, samples, args, output_dir)
+        clock = Clock()
+        trainer.add_callback(clock)
+        trainer.train()
+        send({"seconds": clock.seconds, "steps": trainer.state.global_step, "tokens": counter.tokens,
+              "slots": counter.slots})
+        del trainer, counter
+        gc.collect()
+    send({
+        "samples": len(samples),
+        "setup_rss_mib": setup_rss,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "threads": torch.get_num_threads(),
+    })
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--samples", type=int, default=24, help="samples in the epoch")
+    parser.add_argument("--long-share", type=float, default=0.125, help="share of long samples")
+    parser.add_argument("--long-words", type=int, default=300, help="answer words of a long sample")
+    parser.add_argument("--batch-size", type=int, default=8, help="padded rows per step (padded variants)")
+    parser.add_argument("--max-packed-tokens", type=int, default=2048, help="tokens per packed row (plugin)")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs per variant (interleaved across variants)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"))
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+
+
+class Worker:
+    """A `--worker` process for one variant, driven line by line."""
+
+    def __init__(self, variant: str, argv: list[str]):
+        self.variant = variant
+        self.log = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", variant]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True)
+
+    def ask(self, command: str | None = None) -> dict:
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            sys.stderr.write(self.log.read()[-8000:])
+            raise SystemExit(f"variant {self.variant} failed (exit {self.process.returncode})")
+        return json.loads(line)
+
+    def close(self) -> dict:
+        final = self.ask("quit")
+        self.process.wait()
+        return final
+
+
+def run_variants(variants: list[str], args, argv: list[str]) -> dict[str, dict]:
+    """One worker process per variant (all set up at once, so none waits on another's imports), then `args.repeats`
+    rounds of one epoch per variant, one process computing at a time, the order swapping every round.
+
+    On CUDA the workers run one after the other instead (several models on one GPU would skew memory figures)."""
+    import torch
+
+    results = {variant: {"epochs": []} for variant in variants}
+
+    def run(workers: dict[str, Worker], repeats: range) -> None:
+        for worker_ in workers.values():
+            worker_.ask()  # ready
+        for repeat in repeats:
+            for variant in variants if repeat % 2 == 0 else variants[::-1]:
+                if variant in workers:
+                    results[variant]["epochs"].append(workers[variant].ask("epoch"))
+                    print(f"  {variant}: {results[variant]['epochs'][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        for variant, worker_ in workers.items():
+            results[variant].update(worker_.close())
+
+    if torch.cuda.is_available():
+        for variant in variants:
+            run({variant: Worker(variant, argv)}, range(args.repeats))
+    else:
+        run({variant: Worker(variant, argv) for variant in variants}, range(args.repeats))
+    return results
+
+
+def machine_lines(args) -> list[str]:
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} CPUs"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return [
+        f"# {device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"Python {platform.python_version()}; {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; "
+        f"load average at the end {load}",
+    ]
+
+
+def print_table(results: dict[str, dict], args, title: str, baseline: str) -> dict[str, float]:
+    """Print the markdown table; returns the median tokens/s of each variant."""
+    first = next(iter(results.values()))
+    print(f"# {title} — {args.size} config, {args.dtype}, {args.attn}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {first['threads']} torch threads")
+    print(f"# data: {first['samples']} samples, {args.long_share:.1%} long ({args.long_words}-word answer, 3 tiles), "
+          f"the rest short (1 tile, one-line answer); padded: {args.batch_size} rows per step; packed: rows of ≤ "
+          f"{args.max_packed_tokens} tokens; {args.repeats} epoch(s) per variant, interleaved; median (min-max)")
+    for line in machine_lines(args):
+        print(line)
+    print()
+    cuda = first["cuda_peak_mib"] is not None
+    memory = "peak CUDA MiB |" if cuda else "peak RSS MiB | training Δ RSS MiB |"
+    print(f"| variant | steps/epoch | real tokens/epoch | pad share | epoch s | tokens/s | vs {baseline} | {memory}")
+    print(f"|---|---|---|---|---|---|---|---|{'' if cuda else '---|'}")
+    speed = {}
+    for variant, result in results.items():
+        rates = [epoch["tokens"] / epoch["seconds"] for epoch in result["epochs"]]
+        speed[variant] = statistics.median(rates)
+    for variant, result in results.items():
+        epochs = result["epochs"]
+        epoch = epochs[0]
+        seconds = [e["seconds"] for e in epochs]
+        rates = [e["tokens"] / e["seconds"] for e in epochs]
+        spread = f" ({min(rates):,.0f}-{max(rates):,.0f})" if len(rates) > 1 else ""
+        cells = [VARIANTS[variant], str(epoch["steps"]), f"{epoch['tokens']:,}", f"{1 - epoch['tokens'] / epoch['slots']:.0%}",
+                 f"{statistics.median(seconds):.1f}", f"{speed[variant]:,.0f}{spread}",
+                 f"{speed[variant] / speed[baseline]:.2f}x"]
+        if cuda:
+            cells.append(f"{result['cuda_peak_mib']:,.0f}")
+        else:
+            cells += [f"{result['peak_rss_mib']:,.0f}", f"{result['peak_rss_mib'] - result['setup_rss_mib']:,.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    return speed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    argv = sys.argv[1:]
+    results = run_variants(["plugin-packed", "trl-native-padded"], args, argv)
+    print_table(results, args, "SFT train step: plugin (packed) vs native InternVL + TRL SFTTrainer (padded)",
+                "trl-native-padded")
+    print("\ntokens/s = real (non-pad) tokens of the epoch / epoch seconds; pad share = pad slots / all slots.")
+
+
+if __name__ == "__main__":
+    main()
