@@ -1,7 +1,7 @@
 """MPO training step: `MPOTrainer` (ViT once per preference pair) vs TRL's own `DPOTrainer` with the MPO loss list.
 
-    python benchmarks/mpo.py                          # CPU, "1b-like" random model, 2 pairs x 13 tiles
-    python benchmarks/mpo.py --profile 8b-like --steps 4
+    python benchmarks/mpo.py                          # CPU (1 thread), "1b-like" random model, 2 pairs x 13 tiles
+    python benchmarks/mpo.py --profile 8b-like --rounds 2
     python benchmarks/mpo.py --device cuda            # on a GPU (bf16)
 
 All variants train the same random InternVL3 (built locally, no download) on the same `datasets.Dataset` of
@@ -199,7 +199,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=1, help="run the three variants this many times, interleaved")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's own choice (default 1: "
+                        "steadier timings, and process CPU time then measures the compute)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -254,6 +255,10 @@ def main() -> None:
             f"{base['step_cpu_s'] / result['step_cpu_s']:.2f}x |"
         )
     print(f"\ntokens per row: {results['mpo']['tokens_per_row']:.0f} (MPOTrainer), {base['tokens_per_row']:.0f} (TRL)")
+    if args.rounds > 1:
+        for key, label in (("step_s", "wall"), ("step_cpu_s", "CPU")):
+            ratios = [t[key] / m[key] for t, m in zip(runs["trl"], runs["mpo"])]
+            print(f"MPOTrainer vs TRL per round ({label}): " + ", ".join(f"{ratio:.2f}x" for ratio in ratios))
 
 
 if __name__ == "__main__":

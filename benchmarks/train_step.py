@@ -308,33 +308,53 @@ def worker(args) -> None:
     del warmup
     gc.collect()
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *unused, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_train_end(self, *unused, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds = time.perf_counter() - self.start
-
     def send(message: dict) -> None:
         protocol.write(json.dumps(message) + "\n")
         protocol.flush()
 
-    send({"ready": True})
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class Gate(TrainerCallback):
+        """Holds every optimizer step until the driver says `go`, and times what runs in between: `fetch` (data
+        loading and collation, Trainer bookkeeping) from the previous step's end, and `compute` (forward, loss,
+        backward, optimizer step) from `go` to `on_step_end`."""
+
+        def on_train_begin(self, *unused, **kwargs):
+            self.fetch = self.compute = self.cpu = 0.0
+            self.mark, self.cpu_mark = now(), time.process_time()
+
+        def on_step_begin(self, *unused, **kwargs):
+            self.fetch += now() - self.mark
+            self.cpu += time.process_time() - self.cpu_mark
+            send({"event": "waiting"})
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("driver went away")
+            self.mark, self.cpu_mark = now(), time.process_time()
+
+        def on_step_end(self, *unused, **kwargs):
+            moment = now()
+            self.compute += moment - self.mark
+            self.mark = moment
+
+        def on_train_end(self, *unused, **kwargs):
+            self.fetch += now() - self.mark
+            self.cpu += time.process_time() - self.cpu_mark
+
+    send({"event": "ready"})
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for line in sys.stdin:
         if line.strip() != "epoch":
             break
         trainer, counter = build_trainer(variant, model, processor, samples, args, output_dir)
-        clock = Clock()
-        trainer.add_callback(clock)
+        gate = Gate()
+        trainer.add_callback(gate)
         trainer.train()
-        send({"seconds": clock.seconds, "steps": trainer.state.global_step, "tokens": counter.tokens,
-              "slots": counter.slots})
+        send({"event": "epoch", "seconds": gate.fetch + gate.compute, "fetch_seconds": gate.fetch, "cpu_seconds": gate.cpu,
+              "steps": trainer.state.global_step, "tokens": counter.tokens, "slots": counter.slots})
         del trainer, counter
         gc.collect()
     send({
@@ -390,30 +410,38 @@ class Worker:
 
 
 def run_variants(variants: list[str], args, argv: list[str]) -> dict[str, dict]:
-    """One worker process per variant (all set up at once, so none waits on another's imports), then `args.repeats`
-    rounds of one epoch per variant, one process computing at a time, the order swapping every round.
+    """One worker process per variant (set up side by side, so none waits on another's imports), then `args.repeats`
+    epochs per variant, interleaved step by step: one optimizer step of one variant at a time, round robin, the
+    order swapping every epoch, each worker having finished loading its next batch before the next one computes.
 
     On CUDA the workers run one after the other instead (several models on one GPU would skew memory figures)."""
     import torch
 
     results = {variant: {"epochs": []} for variant in variants}
 
-    def run(workers: dict[str, Worker], repeats: range) -> None:
+    def run(workers: dict[str, Worker]) -> None:
         for worker_ in workers.values():
-            worker_.ask()  # ready
-        for repeat in repeats:
-            for variant in variants if repeat % 2 == 0 else variants[::-1]:
-                if variant in workers:
-                    results[variant]["epochs"].append(workers[variant].ask("epoch"))
-                    print(f"  {variant}: {results[variant]['epochs'][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            assert worker_.ask()["event"] == "ready"
+        for repeat in range(args.repeats):
+            order = [v for v in (variants if repeat % 2 == 0 else variants[::-1]) if v in workers]
+            for variant in order:  # one at a time: trainer set-up and first batch
+                assert workers[variant].ask("epoch")["event"] == "waiting"
+            active = list(order)
+            while active:
+                for variant in list(active):
+                    message = workers[variant].ask("go")
+                    if message["event"] == "epoch":
+                        results[variant]["epochs"].append(message)
+                        active.remove(variant)
+                        print(f"  {variant}: epoch {repeat + 1} {message['seconds']:.1f} s", file=sys.stderr, flush=True)
         for variant, worker_ in workers.items():
             results[variant].update(worker_.close())
 
     if torch.cuda.is_available():
         for variant in variants:
-            run({variant: Worker(variant, argv)}, range(args.repeats))
+            run({variant: Worker(variant, argv)})
     else:
-        run({variant: Worker(variant, argv) for variant in variants}, range(args.repeats))
+        run({variant: Worker(variant, argv) for variant in variants})
     return results
 
 
@@ -444,7 +472,8 @@ def print_table(results: dict[str, dict], args, title: str, baseline: str) -> di
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {first['threads']} torch threads")
     print(f"# data: {first['samples']} samples, {args.long_share:.1%} long ({args.long_words}-word answer, 3 tiles), "
           f"the rest short (1 tile, one-line answer); padded: {args.batch_size} rows per step; packed: rows of ≤ "
-          f"{args.max_packed_tokens} tokens; {args.repeats} epoch(s) per variant, interleaved; median (min-max)")
+          f"{args.max_packed_tokens} tokens; {args.repeats} epoch(s) per variant, interleaved step by step; "
+          f"tokens/s over all epochs (per-epoch min-max)")
     for line in machine_lines(args):
         print(line)
     print()
@@ -452,10 +481,10 @@ def print_table(results: dict[str, dict], args, title: str, baseline: str) -> di
     memory = "peak CUDA MiB |" if cuda else "peak RSS MiB | training Δ RSS MiB |"
     print(f"| variant | steps/epoch | real tokens/epoch | pad share | epoch s | tokens/s | vs {baseline} | {memory}")
     print(f"|---|---|---|---|---|---|---|---|{'' if cuda else '---|'}")
-    speed = {}
-    for variant, result in results.items():
-        rates = [epoch["tokens"] / epoch["seconds"] for epoch in result["epochs"]]
-        speed[variant] = statistics.median(rates)
+    speed = {
+        variant: sum(e["tokens"] for e in result["epochs"]) / sum(e["seconds"] for e in result["epochs"])
+        for variant, result in results.items()
+    }
     for variant, result in results.items():
         epochs = result["epochs"]
         epoch = epochs[0]
