@@ -142,6 +142,8 @@ def _worker(output_dir: Path, mode: str) -> None:
                 output_dir / f"ddp_{weighting}_{batch_size}x{accumulation}.pt",
             )
         dist.barrier()
+    # Tear gloo down before interpreter exit: its threads otherwise race the exit and abort the process.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -253,6 +253,9 @@ def _ddp_worker(output_dir: str) -> None:
     trainer.train()
     rank = trainer.accelerator.process_index
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(trainer.reward_shift.state_dict()))
+    # Tear gloo down before interpreter exit: its threads otherwise race the exit and abort the process.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
