@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import SequentialSampler
 from transformers import TrainingArguments
 
 from internvl3_hf.data import IGNORE_INDEX, Sample, SFTCollator, SFTDataset, SupervisedEncoder
 from internvl3_hf.losses import shifted_targets, target_weights, weighted_lm_loss
 from internvl3_hf.processing import processor_for_config
-from internvl3_hf.sft import InternVL3Trainer
+from internvl3_hf.sft import InternVL3Trainer, has_fused_lm_head
 from internvl3_hf.tiny import tiny_config
 
 WEIGHTINGS = ("token", "square", "sample")
@@ -113,7 +117,7 @@ def sgd_args(output_dir, batch_size: int, accumulation: int, **overrides) -> Tra
     return TrainingArguments(**settings)
 
 
-def one_step(model, dataset, args, padding_free: bool, weighting: str, pad_token_id: int):
+def one_step(model, dataset, args, padding_free: bool, weighting: str, pad_token_id: int, **trainer_kwargs):
     """Parameters after one Trainer step, and the loss the Trainer reported for it."""
     model = copy.deepcopy(model)
     trainer = SequentialTrainer(
@@ -122,6 +126,7 @@ def one_step(model, dataset, args, padding_free: bool, weighting: str, pad_token
         train_dataset=dataset,
         data_collator=SFTCollator(pad_token_id, padding_free=padding_free),
         loss_weighting=weighting,
+        **trainer_kwargs,
     )
     output = trainer.train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}, output.training_loss
@@ -412,3 +417,235 @@ def test_v2pe_random_positions_restart_per_packed_sample(tokenizer, model_factor
         if count == 0:
             assert torch.equal(alone[0], torch.arange(length, dtype=alone.dtype))
         cursor, image = cursor + length, image + count
+
+
+# --------------------------------------------------------------------------------------------------- fused LM head
+def independent_step(model, items: list, weighting: str, pad_token_id: int):
+    """Loss and gradients from plain `F.cross_entropy` over full logits, one padded row per sample, with per-sample
+    weights counted here (no `losses.py` code): Σ_i w_i Σ_t CE_it / Σ_i w_i l_i, w_i ∈ {1, 1/√l_i, 1/l_i}."""
+    model.zero_grad()
+    batch = SFTCollator(pad_token_id)(items)
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    numerator, denominator = 0.0, 0.0
+    for row, (sample,) in enumerate(items):
+        length = len(sample.input_ids)
+        targets = torch.tensor(sample.labels[1:])
+        count = int((targets != IGNORE_INDEX).sum())
+        weight = {"token": 1.0, "square": 1 / math.sqrt(count), "sample": 1 / count}[weighting]
+        nll = F.cross_entropy(logits[row, : length - 1].double(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        numerator = numerator + weight * nll
+        denominator += weight * count
+    loss = numerator / denominator
+    loss.backward()
+    return float(loss), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_fused_loss_and_gradients_equal_full_logits(tmp_path, tokenizer, config, base_model, weighting):
+    """`InternVL3Trainer.compute_loss` through TRL's fused LM head, on a padded batch and on one padding-free packed
+    row: loss and every parameter's gradient equal an independent full-logits computation (and the logits path)."""
+    model = base_model.train()
+    dataset = sft_dataset(tokenizer, config)
+    items = [dataset[index] for index in range(len(dataset))]
+    expected_loss, expected_grads = independent_step(model, items, weighting, tokenizer.pad_token_id)
+    assert len(expected_grads) == len(list(model.parameters()))  # the ViT, projector and LM head included
+    fused = InternVL3Trainer(model=model, args=sgd_args(tmp_path / "fused", 1, 1), loss_weighting=weighting)
+    plain = InternVL3Trainer(
+        model=model, args=sgd_args(tmp_path / "plain", 1, 1), loss_weighting=weighting, fused_lm_head=False
+    )
+    assert fused.fused_lm_head and not plain.fused_lm_head
+    for padding_free in (False, True):
+        batch = SFTCollator(tokenizer.pad_token_id, padding_free=padding_free)(items)
+        assert batch["input_ids"].shape[0] == (1 if padding_free else 4)
+        for trainer in (fused, plain):
+            model.zero_grad()
+            loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+            grads = {name: param.grad for name, param in model.named_parameters()}
+            assert float(loss) == pytest.approx(expected_loss, abs=1e-5), (padding_free, trainer.fused_lm_head)
+            assert_params_close(grads, expected_grads)
+        # An external normaliser (the step's global weight total) replaces the batch's own.
+        total = target_weights(batch["labels"], batch["position_ids"], weighting).sum()
+        halved = fused.compute_loss(model, dict(batch), num_items_in_batch=2 * total)
+        assert float(halved) * fused.accelerator.num_processes == pytest.approx(expected_loss / 2, abs=1e-5)
+
+
+def test_unfused_trainer_step_equals_reference(tmp_path, tokenizer, config, base_model):
+    """`fused_lm_head=False` keeps the full-logits loss: packed, micro-batch 2 × GA 2, same step as the reference."""
+    dataset = sft_dataset(tokenizer, config)
+    full_batch = SFTCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    expected, expected_loss = reference_step(base_model, full_batch, "sample")
+    args = sgd_args(tmp_path, 2, 2)
+    params, loss = one_step(base_model, dataset, args, True, "sample", tokenizer.pad_token_id, fused_lm_head=False)
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    assert_params_close(params, expected)
+
+
+def test_fused_lm_head_trains_a_lora_model(tmp_path, tokenizer, config, base_model):
+    """A PEFT LoRA model (adapters on the LLM linears): the base model is patched, not the `PeftModel`, and one
+    packed SGD step (micro-batch 2 × GA 2) gives the loss and adapter update of the full-logits path."""
+    from peft import LoraConfig, get_peft_model
+
+    from internvl3_hf.train import LLM_LORA_TARGETS
+
+    def lora_model():
+        torch.manual_seed(0)  # init_lora_weights=False draws A and B at random: both get gradients
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LLM_LORA_TARGETS, init_lora_weights=False)
+        return get_peft_model(copy.deepcopy(base_model), lora)
+
+    dataset = sft_dataset(tokenizer, config)
+    initial = {name: param.detach().clone() for name, param in lora_model().named_parameters() if param.requires_grad}
+    assert initial and all("lora_" in name for name in initial)
+    results = {}
+    for fused in (True, False):
+        model = lora_model()
+        trainer = SequentialTrainer(
+            model=model,
+            args=sgd_args(tmp_path / f"fused_{fused}", 2, 2),
+            train_dataset=dataset,
+            data_collator=SFTCollator(tokenizer.pad_token_id, padding_free=True),
+            loss_weighting="square",
+            fused_lm_head=fused,
+        )
+        assert trainer.fused_lm_head is fused
+        assert ("forward" in model.get_base_model().__dict__) is fused and "forward" not in model.__dict__
+        output = trainer.train()
+        trained = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+        results[fused] = (trained, output.training_loss)
+    (fused_params, fused_loss), (plain_params, plain_loss) = results[True], results[False]
+    assert max((fused_params[name] - initial[name]).abs().max().item() for name in initial) > 1e-3  # it trained
+    assert fused_loss == pytest.approx(plain_loss, abs=1e-5)
+    assert_params_close(fused_params, plain_params)
+
+
+def test_lora_on_the_lm_head_falls_back_to_full_logits(tmp_path, base_model):
+    """TRL reads `lm_head.weight` directly, which would silently drop a LoRA adapter on the head itself."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=2, target_modules=["lm_head"]))
+    trainer = InternVL3Trainer(model=model, args=sgd_args(tmp_path, 1, 1))
+    assert not trainer.fused_lm_head and "forward" not in model.get_base_model().__dict__
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """The shape of every tensor an aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(leaf.shape) for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        return out
+
+
+def test_fused_training_step_never_materialises_logits(tmp_path, tokenizer, config, base_model, monkeypatch):
+    """A fused training step (forward and backward) never runs `lm_head` and creates no tensor as wide as the
+    vocabulary besides the `(vocab, hidden)` weights and their gradients; the head scores only supervised rows.
+
+    TRL scores only the supervised rows on Triton devices (CUDA/XPU); on CPU it scores every row to keep tile shapes
+    fixed, so the test takes the CUDA decision. Its vocabulary tiles are 32768 wide (wider than the tiny vocabulary):
+    128 here, so that a tile holding the whole vocabulary would show.
+    """
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 128)
+    scored = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    def recording_apply(hidden, weight, *args):
+        scored.append(tuple(hidden.shape))
+        return chunked.apply(hidden, weight, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", SimpleNamespace(apply=recording_apply))
+
+    model = base_model.train()
+    vocab, hidden = config.text_config.vocab_size, config.text_config.hidden_size
+    head_outputs = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_outputs.append(tuple(output.shape)))
+    dataset = sft_dataset(tokenizer, config)
+    batch = SFTCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    rows, width = batch["input_ids"].shape
+    targets = int((shifted_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).sum())
+    assert targets < rows * (width - 1) // 2  # most positions are prompt or padding
+
+    losses = {}
+    for fused in (True, False):
+        trainer = InternVL3Trainer(model=model, args=sgd_args(tmp_path / f"{fused}", 1, 1), fused_lm_head=fused)
+        model.zero_grad()
+        with ShapeRecorder() as recorder:
+            loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+        losses[fused] = float(loss)
+        wide = {shape for shape in recorder.shapes if vocab in shape} - {(vocab, hidden)}
+        if fused:
+            assert head_outputs == [] and scored == [(targets, hidden)]
+            assert wide == set(), wide
+            assert (targets, 128) in recorder.shapes  # the logits exist only as (supervised rows, 128) tiles
+        else:  # the recorder does see full logits when they exist
+            assert head_outputs == [(rows, width, vocab)] and (rows, width, vocab) in wide
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+    # A packed row whose samples' first labels are set: those are no targets (of the previous sample) and not scored.
+    items = [dataset[i] for i in range(len(dataset))]
+    packed = SFTCollator(tokenizer.pad_token_id, padding_free=True)(items)
+    starts = packed["position_ids"] == 0
+    packed["labels"][starts] = packed["input_ids"][starts]
+    assert (shifted_targets(packed["labels"], packed["position_ids"]) != IGNORE_INDEX).sum() == targets
+    scored.clear()
+    trainer = InternVL3Trainer(model=model, args=sgd_args(tmp_path / "packed", 1, 1))
+    assert float(trainer.compute_loss(model, dict(packed))) == pytest.approx(losses[True], abs=1e-5)
+    assert scored == [(targets, hidden)] and head_outputs == [(rows, width, vocab)]
+
+
+def test_fused_lm_head_is_added_once(tmp_path, model_factory):
+    """A second trainer on the same model does not patch again; a deep copy (whose copied forward still runs the
+    original model off the fused path) and a TRL patch with another temperature are patched afresh."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = model_factory()
+    InternVL3Trainer(model=model, args=sgd_args(tmp_path, 1, 1), fused_lm_head=False)
+    assert "forward" not in model.__dict__ and not has_fused_lm_head(model)
+    InternVL3Trainer(model=model, args=sgd_args(tmp_path, 1, 1))
+    forward = model.__dict__["forward"]
+    assert has_fused_lm_head(model)
+    InternVL3Trainer(model=model, args=sgd_args(tmp_path, 1, 1))
+    assert model.__dict__["forward"] is forward
+
+    clone = copy.deepcopy(model)
+    assert "forward" in clone.__dict__ and not has_fused_lm_head(clone)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2)
+    assert InternVL3Trainer(model=clone, args=sgd_args(tmp_path, 1, 1)).fused_lm_head and has_fused_lm_head(clone)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = clone.lm_head(clone.model(input_ids=input_ids).last_hidden_state)
+        torch.testing.assert_close(clone(input_ids=input_ids).logits, expected, rtol=0, atol=0)
+
+    warm = model_factory(seed=1)
+    add_fused_lm_head(warm, temperature=0.5)  # as a sampling trainer would
+    assert not has_fused_lm_head(warm)
+    InternVL3Trainer(model=warm, args=sgd_args(tmp_path, 1, 1))
+    assert has_fused_lm_head(warm)
+
+
+def test_loss_only_evaluation_is_fused(tmp_path, tokenizer, config, base_model):
+    """`evaluate()` without `compute_metrics` only needs the loss: fused (no `lm_head` call), same `eval_loss`."""
+    dataset = sft_dataset(tokenizer, config)
+    losses = {}
+    for fused in (True, False):
+        model = copy.deepcopy(base_model)
+        head_calls = []
+        model.lm_head.register_forward_hook(lambda *args, calls=head_calls: calls.append(1))
+        trainer = SequentialTrainer(
+            model=model,
+            args=sgd_args(tmp_path / f"{fused}", 2, 1, per_device_eval_batch_size=2),
+            eval_dataset=dataset,
+            data_collator=SFTCollator(tokenizer.pad_token_id, padding_free=True),
+            fused_lm_head=fused,
+        )
+        losses[fused] = trainer.evaluate()["eval_loss"]
+        assert bool(head_calls) is not fused
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

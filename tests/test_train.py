@@ -29,6 +29,20 @@ def test_recipe_overrides_and_unknown_sections(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
 
 
+def test_recipe_fused_lm_head_option(tmp_path):
+    """`training.fused_lm_head` (default true) reaches `InternVL3Trainer`, not `TrainingArguments`."""
+    recipe = load_recipe(RECIPE, [f"training.output_dir={tmp_path}"])
+    assert recipe["training"]["fused_lm_head"] is True and build_trainer(recipe).fused_lm_head
+    del recipe["training"]["fused_lm_head"]
+    assert build_trainer(recipe).fused_lm_head
+    recipe["training"]["fused_lm_head"] = False
+    trainer = build_trainer(recipe)
+    assert not trainer.fused_lm_head and "forward" not in trainer.model.__dict__
+    recipe["training"]["fused_lm_head"] = "no"
+    with pytest.raises(TypeError, match="fused_lm_head"):
+        build_trainer(recipe)
+
+
 @pytest.mark.parametrize(
     "flags, trainable",
     [

@@ -4,6 +4,10 @@ l is a sample's number of supervised target tokens; samples are told apart by in
 restarting at 0 (packed rows) or by rows. The loss is Σ w·CE / W with W the weight total of the whole optimizer
 step (all gradient-accumulation micro-batches and all data-parallel ranks), so it does not depend on how the step
 is split.
+
+The per-target negative log-likelihood comes either from full logits (`weighted_lm_loss`) or from TRL's fused LM
+head, which scores only the supervised positions without materialising `(batch, seq, vocab)` logits
+(`weighted_nll`, used by `InternVL3Trainer`); both share `target_weights` and the normaliser.
 """
 
 from __future__ import annotations
@@ -43,6 +47,28 @@ def target_weights(labels: torch.Tensor, position_ids: torch.Tensor | None, weig
     return torch.where(supervised, weights, torch.zeros_like(weights))
 
 
+def weighted_nll(
+    nll: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    weighting: str,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Σ w·nll / normalizer (default: this batch's own weight total), the weights of `target_weights`.
+
+    `nll` is the `(batch, seq-1)` negative log-likelihood of every shifted target: cross-entropy over full logits
+    (`weighted_lm_loss`) or `-log_probs` of TRL's fused LM head (`InternVL3Trainer`). Values at ignored targets are
+    not read (they get weight 0 and are zeroed, so they may be anything finite or not).
+    """
+    weights = target_weights(labels, position_ids, weighting)
+    if nll.shape != weights.shape:
+        raise ValueError(f"nll must hold one value per shifted target {tuple(weights.shape)}, got {tuple(nll.shape)}.")
+    per_target = torch.where(weights > 0, nll.double(), torch.zeros((), dtype=torch.float64, device=nll.device))
+    total = (per_target * weights).sum()
+    normalizer = weights.sum() if normalizer is None else normalizer
+    return (total / normalizer).to(nll.dtype if nll.dtype == torch.float64 else torch.float32)
+
+
 def weighted_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -50,12 +76,10 @@ def weighted_lm_loss(
     weighting: str,
     normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Σ w·CE / normalizer (default: this batch's own weight total)."""
-    weights = target_weights(labels, position_ids, weighting)
+    """Σ w·CE / normalizer (default: this batch's own weight total), from full `(batch, seq, vocab)` logits."""
     targets = shifted_targets(labels, position_ids)
     losses = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
-    total = (losses.double() * weights.flatten()).sum()
-    normalizer = weights.sum() if normalizer is None else normalizer
-    return (total / normalizer).to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
+    nll = losses.view_as(targets).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return weighted_nll(nll, labels, position_ids, weighting, normalizer)

@@ -2,6 +2,10 @@
 
 `internvl3-hf train --config recipes/tiny_cpu_sft.yaml` (or `accelerate launch -m internvl3_hf.cli train ...`)
 calls `run_training`, which a Python user can call the same way with a dict.
+
+Sections: `model` (checkpoint, dtype, attention, V2PE, freezing), `lora`, `data` (sources, lengths, packing,
+`loss_weighting`) and `training`: `TrainingArguments` fields plus `fused_lm_head` (default true: the loss goes through
+TRL's fused LM head and never materialises `(batch, seq, vocab)` logits; false computes it from full logits).
 """
 
 from __future__ import annotations
@@ -164,6 +168,10 @@ def build_trainer(recipe: dict) -> InternVL3Trainer:
         on_error=data_settings.get("on_error", "drop"),
     )
     training = {"report_to": [], "remove_unused_columns": False, **recipe.get("training", {})}
+    # Not a TrainingArguments field: the loss through TRL's fused LM head, without (batch, seq, vocab) logits.
+    fused_lm_head = training.pop("fused_lm_head", True)
+    if not isinstance(fused_lm_head, bool):
+        raise TypeError(f"training.fused_lm_head must be true or false, got {fused_lm_head!r}.")
     args = TrainingArguments(**training)
     trainer = InternVL3Trainer(
         model=model,
@@ -172,6 +180,7 @@ def build_trainer(recipe: dict) -> InternVL3Trainer:
         data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=packed),
         processing_class=processor,
         loss_weighting=data_settings.get("loss_weighting", "square"),
+        fused_lm_head=fused_lm_head,
     )
     return trainer
 
