@@ -5,7 +5,10 @@ calls `run_training`, which a Python user can call the same way with a dict.
 
 Sections: `model` (checkpoint, dtype, attention, V2PE, freezing), `lora`, `data` (sources, lengths, packing,
 `loss_weighting`) and `training`: `TrainingArguments` fields plus `fused_lm_head` (default true: the loss goes through
-TRL's fused LM head and never materialises `(batch, seq, vocab)` logits; false computes it from full logits).
+TRL's fused LM head and never materialises `(batch, seq, vocab)` logits; false computes it from full logits) and
+`compile_blocks` (default false: true compiles every LLM decoder layer and ViT encoder layer with `torch.compile`,
+dynamic shapes; a mapping passes `language`/`vision` flags and `torch.compile` arguments, e.g. `{backend: aot_eager}`
+on a machine without a C++ compiler; see `internvl3_hf.compile`. Not `torch_compile`, which compiles the whole model).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, TrainingArguments
 
+from .compile import compile_blocks
 from .data import SFTCollator, SFTDataset, SupervisedEncoder, mix_sources, read_official_meta, samples_from_hf_dataset
 from .data.sources import Sample, Source, read_official_jsonl
 from .data.synthetic import synthetic_samples
@@ -172,6 +176,9 @@ def build_trainer(recipe: dict) -> InternVL3Trainer:
     fused_lm_head = training.pop("fused_lm_head", True)
     if not isinstance(fused_lm_head, bool):
         raise TypeError(f"training.fused_lm_head must be true or false, got {fused_lm_head!r}.")
+    # Not a TrainingArguments field either: torch.compile of each repeated block (torch_compile compiles the whole
+    # model, whose data-dependent V2PE/packing code graph-breaks and recompiles).
+    apply_compile_blocks(model, training.pop("compile_blocks", False))
     args = TrainingArguments(**training)
     trainer = InternVL3Trainer(
         model=model,
@@ -183,6 +190,19 @@ def build_trainer(recipe: dict) -> InternVL3Trainer:
         fused_lm_head=fused_lm_head,
     )
     return trainer
+
+
+def apply_compile_blocks(model, setting) -> None:
+    """`training.compile_blocks`: false/null (off), true (`compile_blocks(model)`), or a mapping of its keyword
+    arguments (`language`, `vision`, and `torch.compile`'s, e.g. `backend`, `mode`)."""
+    if setting is None or setting is False:
+        return
+    if setting is True:
+        setting = {}
+    if not isinstance(setting, dict):
+        raise TypeError(f"training.compile_blocks must be true, false or a mapping of options, got {setting!r}.")
+    count = compile_blocks(model, **setting)
+    logger.info("compiled %d blocks with torch.compile", count)
 
 
 def run_training(recipe: dict, resume_from_checkpoint: str | bool | None = None) -> InternVL3Trainer:
