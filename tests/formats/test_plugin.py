@@ -134,7 +134,7 @@ def test_hf_export_writes_native_processor_files(plugin_dir, tmp_path):
 
 
 def test_demo_command_chats_about_an_image(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    assert main(["demo", "--chat-only", "--output", str(tmp_path), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "13 tiles of 28 px -> 52 <IMG_CONTEXT> tokens" in out
     assert (tmp_path / "demo.png").exists()

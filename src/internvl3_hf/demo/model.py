@@ -1,0 +1,109 @@
+"""The demo's tiny InternVL3 and its tokenizer, built locally and deterministically (no downloads).
+
+The tokenizer is a real Qwen2 byte-level BPE with InternVL3's special tokens (as `internvl3_hf.tiny`), trained on
+the demo's own vocabulary and on the VisualPRM system prompt so that sequences stay short. The model is InternViT
+(56-px images, 14-px patches: a 4×4 grid that pixel unshuffle turns into 4 image tokens, one per cell of the scene's
+2×2 grid) + the MLP projector + a Qwen2 decoder (128-d, 4 layers): about 1.1 million parameters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
+
+from ..best_of_n.prm import PRM_SYSTEM_PROMPT
+from ..modeling.configuration_internvl3 import InternVL3Config
+from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from ..tiny import INTERNVL_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS
+from .tasks import tokenizer_corpus
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+SYSTEM_MESSAGE = "Answer."
+
+
+def build_demo_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer with InternVL3's special tokens, trained on the demo's text; the same every call."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[QWEN_SPECIAL_TOKENS[0]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([tokenizer_corpus(), PRM_SYSTEM_PROMPT * 4, (SYSTEM_MESSAGE + "\n") * 20], trainer=trainer)
+    state = json.loads(bpe.model.__getstate__())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:] + INTERNVL_SPECIAL_TOKENS)}
+    )
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.model_max_length = 8192
+    return tokenizer
+
+
+def demo_config(tokenizer: Qwen2Tokenizer, *, hidden_size: int = 128, layers: int = 4, **overrides) -> InternVL3Config:
+    """The demo model's config: one 56-px tile per image (no dynamic tiling), V2PE with random δ in training."""
+    vision = InternVLVisionConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        attention_bias=True,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        layer_scale_init_value=0.1,
+    )
+    special = tokenizer.convert_tokens_to_ids
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        bos_token_id=special("<|endoftext|>"),
+        eos_token_id=special("<|endoftext|>"),
+        pad_token_id=special("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    settings = dict(
+        vision_config=vision,
+        text_config=text,
+        force_image_size=IMAGE_SIZE,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2 // 4,
+        min_dynamic_patch=1,
+        max_dynamic_patch=1,
+        use_thumbnail=False,
+        dynamic_image_size=False,
+        system_message=SYSTEM_MESSAGE,
+        v2pe_mode="random",
+        eos_token_id=special("<|im_end|>"),
+        image_token_id=special("<IMG_CONTEXT>"),
+        image_start_token_id=special("<img>"),
+        image_end_token_id=special("</img>"),
+    )
+    settings.update(overrides)
+    return InternVL3Config(**settings)
+
+
+def build_demo_model(config: InternVL3Config, seed: int = 0) -> InternVL3ForConditionalGeneration:
+    """The demo model with its random initialisation, plus random ViT position embeddings.
+
+    transformers initialises InternViT's learned position embeddings to zeros (a released checkpoint overwrites
+    them); from scratch, zeros would leave the 9 image tokens without any notion of where they are, which V2PE's
+    small δ (all image tokens at almost the same rotary position) does not supply either.
+    """
+    torch.manual_seed(seed)
+    model = InternVL3ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.3)
+    return model

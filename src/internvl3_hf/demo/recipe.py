@@ -1,0 +1,550 @@
+"""The whole InternVL3 recipe on a laptop: native pre-training → SFT → MPO → Best-of-N, on synthetic visual QA.
+
+Every stage goes through the plugin's public APIs: `SFTDataset`/`SFTCollator`/`InternVL3Trainer` (pre-training,
+SFT and the critic), `MPOTrainer`/`MPOConfig` (MPO), `generate_candidates` (sampling), `VisualPRM` and
+`best_of_n` (Best-of-N). After each stage the policy answers the same held-out questions greedily; the table and
+the PNG show how each stage moves the accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import logging as hf_logging
+
+from ..best_of_n import VisualPRM, best_of_n, critic_messages, generate_candidates, majority_vote
+from ..data import SFTCollator, SFTDataset, Sample, SupervisedEncoder
+from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from ..processing import processor_for_config
+from ..sft import InternVL3Trainer
+from . import tasks
+from .model import build_demo_model, build_demo_tokenizer, demo_config
+from .tasks import Question
+
+logger = logging.getLogger(__name__)
+
+KIND_COLUMNS = (*tasks.KINDS, "text")
+MAX_NEW_TOKENS = {"sum": 40, "text": 20}  # other kinds answer in a few tokens
+SHORT_ANSWER_TOKENS = 8
+BON_TEMPERATURE = 0.7  # diverse candidates that are still mostly sensible
+
+
+# --------------------------------------------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class RecipeSize:
+    """How much data and how many optimizer steps each stage gets."""
+
+    pretrain_scenes: int
+    pretrain_text: int
+    pretrain_steps: int
+    sft_samples: int
+    sft_steps: int
+    mpo_questions: int
+    mpo_samples: int  # N answers sampled per question to build the pairs
+    mpo_steps: int
+    prm_samples: int
+    prm_steps: int
+    eval_per_kind: int  # held-out questions per visual kind
+    eval_text: int
+    bon_per_kind: int  # held-out questions per kind (text included) scored by Best-of-N
+    bon_n: int
+    packed_tokens: int = 512  # tokens per packed row (pre-training, SFT): fewer means more optimizer steps
+    mpo_learning_rate: float = 5e-5
+    hidden_size: int = 128
+    layers: int = 4
+
+
+SIZES = {
+    "default": RecipeSize(
+        pretrain_scenes=6000, pretrain_text=2000, pretrain_steps=600, sft_samples=3000, sft_steps=250,
+        mpo_questions=300, mpo_samples=6, mpo_steps=60, prm_samples=3000, prm_steps=400,
+        eval_per_kind=60, eval_text=60, bon_per_kind=24, bon_n=6,
+    ),
+    "fast": RecipeSize(
+        pretrain_scenes=3200, pretrain_text=600, pretrain_steps=500, sft_samples=900, sft_steps=120,
+        mpo_questions=80, mpo_samples=4, mpo_steps=10, prm_samples=400, prm_steps=60,
+        eval_per_kind=24, eval_text=24, bon_per_kind=8, bon_n=4, packed_tokens=256,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclass
+class StageResult:
+    name: str
+    visual: dict[str, list[bool]]  # kind -> correctness of each held-out question
+    text: list[bool]
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def visual_correct(self) -> int:
+        return sum(sum(values) for values in self.visual.values())
+
+    @property
+    def visual_total(self) -> int:
+        return sum(len(values) for values in self.visual.values())
+
+    @property
+    def visual_accuracy(self) -> float:
+        return self.visual_correct / max(1, self.visual_total)
+
+    @property
+    def text_accuracy(self) -> float:
+        return sum(self.text) / max(1, len(self.text))
+
+    def kind_accuracy(self, kind: str) -> tuple[int, int]:
+        values = self.text if kind == "text" else self.visual.get(kind, [])
+        return sum(values), len(values)
+
+
+@dataclass
+class RecipeReport:
+    stages: list[StageResult]
+    chance: float
+    majority_baseline: float
+    seconds: float
+    output_dir: Path
+    png: Path | None = None
+    answer: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageResult:
+        return next(stage for stage in self.stages if stage.name == name)
+
+
+# --------------------------------------------------------------------------------------------------- data
+def _image_prompt(question: str) -> str:
+    return f"<image>\n{question}"
+
+
+def pretraining_samples(scenes: int, texts: int, seed: int, caption_share: float = 0.1, kinds=("colour", "shape", "count", "position", "colour_count")) -> list[Sample]:
+    """The native pre-training mix: short-answer questions about scenes (colour, shape, count, position, count of
+    one colour), scene captions, and text-only arithmetic facts; one conversation each.
+
+    One question per conversation matters here: the square loss weighting gives a conversation weight √l for its
+    l answer tokens, so a two-token answer inside a long multi-turn conversation would barely be trained.
+    """
+    rng = random.Random(seed)
+    samples = []
+    for index in range(scenes):
+        if rng.random() < caption_share:
+            scene = tasks.random_scene(rng, rng.randrange(2**31))
+            question = Question("caption", "Describe the image.", scene.caption(), scene.caption(), scene)
+        else:
+            kind = rng.choice(kinds)
+            question = None
+            while question is None:
+                single = kind in tasks.SINGLE_OBJECT_KINDS
+                scene = tasks.random_scene(rng, rng.randrange(2**31), 1 if single else tasks.MAX_SHAPES)
+                question = tasks.visual_question(scene, kind, rng)
+        samples.append(question_sample(question, origin=f"pretrain_scene[{index}]"))
+    for index, question in enumerate(tasks.text_questions(texts, rng.randrange(2**31), style="plain")):
+        samples.append(question_sample(question, origin=f"pretrain_text[{index}]"))
+    rng.shuffle(samples)
+    return samples
+
+
+def question_sample(question: Question, answer: str | None = None, origin: str = "?") -> Sample:
+    """A one-turn conversation: the question (with its image) and `answer` (default: the reference solution)."""
+    answer = question.solution if answer is None else answer
+    if question.has_image:
+        return Sample(
+            messages=[{"role": "user", "content": _image_prompt(question.question)}, {"role": "assistant", "content": answer}],
+            images=[question.scene.render()],
+            origin=origin,
+        )
+    return Sample(messages=[{"role": "user", "content": question.question}, {"role": "assistant", "content": answer}], origin=origin)
+
+
+def sft_samples(count: int, seed: int) -> list[Sample]:
+    """Instruction data: one question per conversation, every kind, `sum` and text answered step by step."""
+    visual = tasks.visual_questions(int(count * 0.85), seed, kinds=(*tasks.KINDS, "sum"))
+    text = tasks.text_questions(count - len(visual), seed + 1, style="steps")
+    questions = visual + text
+    random.Random(seed).shuffle(questions)
+    return [question_sample(question, origin=f"sft[{index}]") for index, question in enumerate(questions)]
+
+
+def prm_samples(count: int, seed: int) -> list[Sample]:
+    """VisualPRM training conversations (the official format: PRM system prompt, `### Question:`/`### Solution
+    Process:`, one user turn per step, each answered `+` or `-`), from the same generator."""
+    rng = random.Random(seed)
+    visual = tasks.visual_questions(int(count * 0.8), seed, kinds=(*tasks.KINDS, "sum", "sum"))
+    questions = visual + tasks.text_questions(count - len(visual), seed + 1)
+    samples = []
+    for index, question in enumerate(questions):
+        steps, labels = tasks.prm_example(question, rng)
+        messages = critic_messages(question.question, steps, num_images=1 if question.has_image else 0)
+        answers = iter(labels)
+        for message in messages:
+            if message["role"] == "assistant":
+                message["content"] = next(answers)
+        images = [question.scene.render()] if question.has_image else []
+        samples.append(Sample(messages=messages, images=images, origin=f"prm[{index}]"))
+    rng.shuffle(samples)
+    return samples
+
+
+def held_out_questions(size: RecipeSize, seed: int) -> tuple[list[Question], list[Question]]:
+    visual = tasks.visual_questions(size.eval_per_kind * len(tasks.KINDS), seed)
+    return visual, tasks.text_questions(size.eval_text, seed + 1)
+
+
+# --------------------------------------------------------------------------------------------------- training
+class _StageProgress(TrainerCallback):
+    """One progress bar per stage with the running loss; records (step, loss) for the curves."""
+
+    def __init__(self, description: str, key: str = "loss"):
+        self.description = description
+        self.key = key
+        self.losses: list[tuple[int, float]] = []
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=self.description, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and self.key in logs:
+            self.losses.append((state.global_step, float(logs[self.key])))
+            self.bar.set_postfix(loss=f"{logs[self.key]:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def _quiet(trainer, progress: _StageProgress):
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress)
+
+
+def _training_arguments(output_dir: Path, steps: int, learning_rate: float, batch_size: int, seed: int, **extra) -> dict:
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        per_device_train_batch_size=batch_size,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+VISION_LR_SCALE = 0.03  # the ViT and projector learn this much slower than the LLM (see `optimizer`)
+
+
+def optimizer(model, learning_rate: float, vision_lr_scale: float = VISION_LR_SCALE) -> torch.optim.Optimizer:
+    """AdamW with the vision tower and projector at `vision_lr_scale` × the LLM's learning rate.
+
+    At one shared rate, Adam moves the randomly initialised ViT and projector so fast that the image features
+    drift from step to step and the LLM never learns to read them (the loss stalls at chance on every visual
+    question); a slower vision side is what the stage-1 "MLP warm-up" of LLaVA-style recipes achieves.
+    """
+    vision, language = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (vision if "vision_tower" in name or "multi_modal_projector" in name else language).append(parameter)
+    groups = [{"params": language, "lr": learning_rate}, {"params": vision, "lr": learning_rate * vision_lr_scale}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=learning_rate, weight_decay=0.0)
+
+
+def train_sft(model, processor, samples: list[Sample], output_dir: Path, steps: int, learning_rate: float, seed: int,
+              description: str, max_packed_tokens: int = 512, batch_size: int = 1) -> list[tuple[int, float]]:
+    """Packed, square-weighted training with `InternVL3Trainer` (text-token loss on the answers)."""
+    encoder = SupervisedEncoder(processor, max_length=max_packed_tokens, seed=seed)
+    dataset = SFTDataset(samples, encoder, max_packed_tokens=max_packed_tokens)
+    args = TrainingArguments(**_training_arguments(output_dir, steps, learning_rate, batch_size, seed))
+    trainer = InternVL3Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=True),
+        processing_class=processor,
+        loss_weighting="square",
+        optimizers=(optimizer(model, learning_rate), None),
+    )
+    progress = _StageProgress(description)
+    _quiet(trainer, progress)
+    trainer.train()
+    model.eval()
+    return progress.losses
+
+
+# --------------------------------------------------------------------------------------------------- answering
+def _groups(questions: Sequence[Question], batch_size: int):
+    """Questions in batches of one kind (similar answer lengths, so `generate` stops early)."""
+    by_kind: dict[str, list[int]] = {}
+    for index, question in enumerate(questions):
+        by_kind.setdefault(question.kind, []).append(index)
+    for kind, indices in by_kind.items():
+        for start in range(0, len(indices), batch_size):
+            yield kind, indices[start : start + batch_size]
+
+
+def _images(question: Question):
+    return [question.scene.render()] if question.has_image else None
+
+
+def sample_answers(model, processor, questions: Sequence[Question], n: int, description: str, batch_size: int = 32,
+                   **generate_kwargs) -> list[list[str]]:
+    """`n` answers per question (one batched `generate` per group, `generate_candidates`)."""
+    answers: list[list[str]] = [[] for _ in questions]
+    batches = list(_groups(questions, max(1, batch_size // n)))
+    for kind, indices in tqdm(batches, desc=description, unit="batch", dynamic_ncols=True):
+        groups = generate_candidates(
+            model, processor, [questions[i].question for i in indices], [_images(questions[i]) for i in indices], n,
+            max_new_tokens=MAX_NEW_TOKENS.get(kind, SHORT_ANSWER_TOKENS), pad_token_id=processor.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )  # fmt: skip
+        for index, group in zip(indices, groups):
+            answers[index] = [candidate.text for candidate in group]
+    return answers
+
+
+def evaluate(model, processor, visual: Sequence[Question], text: Sequence[Question], description: str):
+    """Greedy answers to the held-out questions: correctness per visual kind, and for the text questions."""
+    questions = list(visual) + list(text)
+    answers = sample_answers(model, processor, questions, 1, description, batch_size=64, do_sample=False)
+    correct = [tasks.is_correct(question, group[0]) for question, group in zip(questions, answers)]
+    by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
+    for question, ok in zip(visual, correct):
+        by_kind[question.kind].append(ok)
+    return by_kind, correct[len(visual) :], answers
+
+
+def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
+    """Preference pairs from the model's own samples: a correct answer (chosen) against a wrong one (rejected)."""
+    from ..mpo import PreferencePair
+
+    rng = random.Random(seed)
+    pairs, stats = [], {"questions": len(questions), "all_right": 0, "all_wrong": 0, "mixed": 0}
+    for index, (question, group) in enumerate(zip(questions, answers)):
+        right = sorted({a for a in group if a and tasks.is_correct(question, a)})
+        wrong = sorted({a for a in group if a and not tasks.is_correct(question, a)})
+        if not wrong:
+            stats["all_right"] += 1
+            continue
+        if not right:
+            stats["all_wrong"] += 1
+            continue
+        stats["mixed"] += 1
+        rng.shuffle(right)
+        rng.shuffle(wrong)
+        for chosen, rejected in list(zip(right, wrong))[:per_question]:
+            pairs.append(
+                PreferencePair(
+                    prompt=[{"role": "user", "content": _image_prompt(question.question) if question.has_image else question.question}],
+                    chosen=chosen,
+                    rejected=rejected,
+                    images=[question.scene.render()] if question.has_image else [],
+                    origin=f"mpo[{index}]",
+                )
+            )
+    rng.shuffle(pairs)
+    return pairs, stats
+
+
+# --------------------------------------------------------------------------------------------------- the recipe
+def _log(message: str) -> None:
+    tqdm.write(message)
+
+
+def run_recipe(output_dir: str | Path = "demo_out", fast: bool = False, seed: int = 0, png: bool = True,
+               chat: bool = True) -> RecipeReport:
+    """Run the four stages and return the report (the table is printed, the PNG written to `output_dir`)."""
+    from ..mpo import MPOConfig, MPOTrainer
+    from .report import format_table, write_png
+
+    start = time.perf_counter()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    size = SIZES["fast" if fast else "default"]
+    _silence_libraries()
+    torch.manual_seed(seed)
+
+    tokenizer = build_demo_tokenizer()
+    config = demo_config(tokenizer, hidden_size=size.hidden_size, layers=size.layers)
+    model = build_demo_model(config, seed)
+    processor = processor_for_config(tokenizer, config)
+    parameters = sum(p.numel() for p in model.parameters())
+    visual_eval, text_eval = held_out_questions(size, seed * 1000 + 99)
+    chance = tasks.chance_accuracy(visual_eval)
+    majority = _majority_baseline(visual_eval)
+    _log(f"tiny InternVL3: {parameters / 1e6:.2f}M parameters (InternViT {config.vision_config.hidden_size}-d x "
+         f"{config.vision_config.num_hidden_layers}, Qwen2 {config.text_config.hidden_size}-d x "
+         f"{config.text_config.num_hidden_layers}), {len(tokenizer)}-token BPE, {config.image_seq_length} image tokens "
+         f"per {config.force_image_size}-px image, V2PE {config.v2pe_mode}")
+    _log(f"held-out: {len(visual_eval)} visual questions ({', '.join(tasks.KINDS)}), {len(text_eval)} text questions; "
+         f"chance {chance:.1%}, majority answer {majority:.1%}")
+    stages: list[StageResult] = []
+
+    def finish(name: str, began: float, losses, note: str = "") -> StageResult:
+        visual, text, _ = evaluate(model, processor, visual_eval, text_eval, f"{name}: evaluate")
+        result = StageResult(name, visual, text, time.perf_counter() - began, losses, note)
+        stages.append(result)
+        _log(f"{name}: held-out visual {result.visual_correct}/{result.visual_total} = {result.visual_accuracy:.1%}, "
+             f"text {sum(text)}/{len(text)} = {result.text_accuracy:.1%} ({result.seconds:.0f} s)")
+        return result
+
+    # 1. native multimodal pre-training: the mix, text-token loss, square averaging, packing, V2PE with random δ
+    began = time.perf_counter()
+    samples = pretraining_samples(size.pretrain_scenes, size.pretrain_text, seed * 1000 + 1)
+    model.train()
+    losses = train_sft(model, processor, samples, output_dir / "pretrain", size.pretrain_steps, 1e-3, seed,
+                       "1/4 pre-training", size.packed_tokens)
+    finish("pre-training", began, losses, f"{len(samples)} conversations, packed")
+
+    # 2. SFT on instruction data (step-by-step answers for the arithmetic)
+    began = time.perf_counter()
+    samples = sft_samples(size.sft_samples, seed * 1000 + 2)
+    model.train()
+    losses = train_sft(model, processor, samples, output_dir / "sft", size.sft_steps, 1e-3, seed, "2/4 SFT",
+                       size.packed_tokens)
+    finish("SFT", began, losses, f"{len(samples)} instructions")
+
+    # 3. MPO on pairs of the SFT model's own right and wrong answers
+    began = time.perf_counter()
+    mpo_questions = tasks.visual_questions(int(size.mpo_questions * 0.85), seed * 1000 + 3)
+    mpo_questions += tasks.text_questions(size.mpo_questions - len(mpo_questions), seed * 1000 + 4)
+    sampled = sample_answers(model, processor, mpo_questions, size.mpo_samples, "3/4 MPO: sample answers",
+                             do_sample=True, temperature=1.0)
+    pairs, stats = mpo_pairs(mpo_questions, sampled, 2, seed)
+    _log(f"MPO pairs: {len(pairs)} from {stats['mixed']} questions with right and wrong answers "
+         f"({stats['all_right']} all right, {stats['all_wrong']} all wrong, of {stats['questions']})")
+    args = MPOConfig(**_training_arguments(
+        output_dir / "mpo", size.mpo_steps, size.mpo_learning_rate, 8, seed, beta=0.1, w_p=0.8, w_q=0.2, w_g=1.0,
+        max_length=512, bf16=False, gradient_checkpointing=False,
+    ))  # fmt: skip
+    model.train()
+    trainer = MPOTrainer(model, args=args, train_dataset=pairs, processing_class=processor)
+    progress = _StageProgress("3/4 MPO")
+    _quiet(trainer, progress)
+    trainer.train()
+    model.eval()
+    finish("MPO", began, progress.losses, f"{len(pairs)} pairs")
+    del trainer
+
+    # 4. Best-of-N with a critic trained as a VisualPRM (SFT on step-label conversations)
+    began = time.perf_counter()
+    critic = copy.deepcopy(model)
+    samples = prm_samples(size.prm_samples, seed * 1000 + 5)
+    critic.train()
+    critic_losses = train_sft(critic, processor, samples, output_dir / "prm", size.prm_steps, 1e-3, seed,
+                              "4/4 critic (VisualPRM)")
+    prm = VisualPRM(critic.eval(), processor, batch_size=16)
+    bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
+    result = StageResult("Best-of-N", bon["visual"], bon["text"], time.perf_counter() - began, critic_losses,
+                         f"N={size.bon_n}, VisualPRM critic")
+    stages.append(result)
+    report = RecipeReport(stages, chance, majority, 0.0, output_dir, extra={"bon": bon, "mpo_pairs": stats})
+    _log(f"Best-of-{size.bon_n}: held-out visual {result.visual_correct}/{result.visual_total} = "
+         f"{result.visual_accuracy:.1%}, text {sum(result.text)}/{len(result.text)} ({result.seconds:.0f} s)")
+
+    if chat:
+        report.answer = chat_with_final_model(model, processor, output_dir / "tiny-internvl3-recipe", seed)
+    report.seconds = time.perf_counter() - start
+    if png:
+        report.png = write_png(report, output_dir / "recipe.png")
+    print(format_table(report))
+    return report
+
+
+def _best_of_n_stage(model, processor, critic: VisualPRM, visual: Sequence[Question], text: Sequence[Question],
+                     size: RecipeSize, seed: int) -> dict:
+    """Best-of-N on a per-kind subset of the held-out questions; greedy MPO answers on the same subset for
+    comparison, and the majority vote over the same candidates."""
+    subset = [q for kind in tasks.KINDS for q in [q for q in visual if q.kind == kind][: size.bon_per_kind]]
+    subset += list(text[: size.bon_per_kind])
+    torch.manual_seed(seed)
+    chosen, voted = [], []
+    for kind, indices in tqdm(list(_groups(subset, 8)), desc="4/4 Best-of-N", unit="batch", dynamic_ncols=True):
+        results = best_of_n(
+            model, processor, critic, [_images(subset[i]) for i in indices], [subset[i].question for i in indices],
+            n=size.bon_n, strategy="prm", answer_extractor=tasks.final_answer,
+            max_new_tokens=MAX_NEW_TOKENS.get(kind, SHORT_ANSWER_TOKENS), temperature=BON_TEMPERATURE,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )  # fmt: skip
+        for index, result in zip(indices, results):
+            chosen.append((index, tasks.is_correct(subset[index], result.best.text)))
+            vote = majority_vote([candidate.answer for candidate in result.candidates])
+            voted.append((index, vote is not None and tasks.is_correct(subset[index], result.candidates[vote].text)))
+    chosen.sort()
+    voted.sort()
+    by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
+    vote_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
+    text_ok, vote_text = [], []
+    for (index, ok), (_, vote_ok) in zip(chosen, voted):
+        kind = subset[index].kind
+        (text_ok if kind == "text" else by_kind[kind]).append(ok)
+        (vote_text if kind == "text" else vote_kind[kind]).append(vote_ok)
+    return {"visual": by_kind, "text": text_ok, "vote_visual": vote_kind, "vote_text": vote_text, "subset": subset}
+
+
+def _majority_baseline(questions: Sequence[Question]) -> float:
+    """Accuracy of always giving each kind's most common held-out answer."""
+    from collections import Counter
+
+    total = 0
+    for kind in tasks.KINDS:
+        answers = Counter(q.answer for q in questions if q.kind == kind)
+        total += max(answers.values(), default=0)
+    return total / max(1, len(questions))
+
+
+def chat_with_final_model(model, processor, directory: Path, seed: int) -> str:
+    """Save the final policy as a plugin checkpoint, load it back through the Auto classes and ask about a scene."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..chat import chat
+
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    reloaded = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    reloaded_processor = AutoProcessor.from_pretrained(directory)
+    rng = random.Random(seed * 1000 + 7)
+    scene = tasks.random_scene(rng, 7)
+    question = tasks.visual_question(scene, "sum", rng)
+    image_path = directory.parent / "recipe_scene.png"
+    scene.render().resize((336, 336), resample=0).save(image_path)
+    _log(f"\nsaved the final model to {directory} and reloaded it with AutoModelForImageTextToText / AutoProcessor")
+    _log(f"chat about {image_path} ({scene.caption()})\nuser: {question.question}\nassistant: ")
+    answer = chat(reloaded, reloaded_processor, question.question, [scene.render()], max_new_tokens=48, do_sample=False,
+                  pad_token_id=reloaded_processor.tokenizer.pad_token_id)
+    _log(answer)
+    _log(f"({'right' if tasks.is_correct(question, answer) else 'wrong'}: the answer is {question.answer})\n")
+    return answer
+
+
+def _silence_libraries() -> None:
+    """Keep the progress bars readable: no per-step log dicts, no repeated library warnings."""
+    hf_logging.set_verbosity_error()
+    logging.getLogger("internvl3_hf").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,58 @@
+"""`internvl3-hf demo --fast`: the whole recipe on a tiny model, end to end, and it really learns."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from internvl3_hf.cli import main
+from internvl3_hf.demo import recipe
+from internvl3_hf.demo.report import format_table
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    captured = {}
+    original = recipe.run_recipe
+
+    def keep_report(*args, **kwargs):
+        captured["report"] = original(*args, **kwargs)
+        return captured["report"]
+
+    recipe.run_recipe = keep_report
+    try:
+        assert main(["demo", "--fast", "--output", str(output)]) == 0
+    finally:
+        recipe.run_recipe = original
+    return captured["report"], output
+
+
+def test_pretraining_beats_chance_and_sft_does_not_lose(fast_run):
+    report, _ = fast_run
+    assert [stage.name for stage in report.stages] == ["pre-training", "SFT", "MPO", "Best-of-N"]
+    pretrain, sft = report.stage("pre-training"), report.stage("SFT")
+    assert pretrain.visual_total == sft.visual_total >= 100
+    # Questions the pre-training mix asks (colour, shape, count, position): well above uniform guessing.
+    asked = ("colour", "shape", "count", "position")
+    correct = sum(pretrain.kind_accuracy(kind)[0] for kind in asked)
+    total = sum(pretrain.kind_accuracy(kind)[1] for kind in asked)
+    chance = sum(1 / recipe.tasks.answer_space(kind) for kind in asked) / len(asked)
+    assert correct / total > chance + 0.2, (correct, total, chance)
+    assert sft.visual_correct >= pretrain.visual_correct
+    assert sft.kind_accuracy("sum")[0] > pretrain.kind_accuracy("sum")[0]  # step-by-step sums come with SFT
+
+
+def test_the_table_and_the_png(fast_run, capsys):
+    report, output = fast_run
+    assert report.png == output / "recipe.png"
+    with Image.open(report.png) as image:
+        image.verify()
+    with Image.open(report.png) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert image.size == (1200, 820) and colours is not None and len(colours) > 20
+    assert report.png.stat().st_size > 20_000
+    table = format_table(report)
+    for stage in report.stages:
+        assert f"| {stage.name} | {stage.visual_accuracy:.1%} ({stage.visual_correct}/{stage.visual_total})" in table
+    assert (output / "tiny-internvl3-recipe" / "config.json").exists()

@@ -1,0 +1,78 @@
+"""The demo's synthetic visual QA: deterministic, answerable, and its step labels follow the VisualPRM rule."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from internvl3_hf.best_of_n import split_steps
+from internvl3_hf.demo import tasks
+
+
+def test_generation_is_deterministic_and_splits_are_disjoint():
+    first, again = tasks.visual_questions(40, seed=5), tasks.visual_questions(40, seed=5)
+    assert [(q.question, q.answer, q.scene.caption()) for q in first] == [
+        (q.question, q.answer, q.scene.caption()) for q in again
+    ]
+    assert first[0].scene.render().tobytes() == again[0].scene.render().tobytes()
+    held_out = tasks.visual_questions(40, seed=6)
+    assert {q.scene.seed for q in first}.isdisjoint({q.scene.seed for q in held_out})
+
+
+def test_every_kind_is_asked_and_answers_are_consistent_with_the_scene():
+    questions = tasks.visual_questions(60, seed=1)
+    assert {q.kind for q in questions} == set(tasks.KINDS)
+    for question in questions:
+        scene = question.scene
+        if question.kind == "count":
+            assert int(question.answer) == len(scene.shapes)
+        elif question.kind == "colour":
+            assert len(scene.shapes) == 1 and question.answer == scene.shapes[0].colour
+        elif question.kind == "position":
+            assert question.answer == scene.shapes[0].position
+        elif question.kind == "sum":
+            (a, b), (count_a, count_b) = question.facts["colours"], question.facts["counts"]
+            assert (scene.count(a), scene.count(b)) == (count_a, count_b)
+            assert int(question.answer) == count_a + count_b
+            assert tasks.is_correct(question, question.solution)
+            assert len(split_steps(question.solution)) == 4  # blank-line steps, as VisualPRM splits them
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("Red shapes: 1.\n\nBlue shapes: 2.\n\n1 + 2 = 3.\n\nAnswer: 3", "3"),
+        ("answer: Top Left.", "top left"),
+        ("4 + 3 = 7.", "7"),
+        ("blue", "blue"),
+        ("Answer: 2\n\nAnswer: 5", "5"),
+    ],
+)
+def test_final_answer(response, expected):
+    assert tasks.final_answer(response) == expected
+
+
+def test_corrupted_solutions_are_labelled_minus_from_the_first_wrong_step():
+    rng = random.Random(0)
+    questions = [q for q in tasks.visual_questions(200, seed=2) if q.kind == "sum"]
+    seen_errors = set()
+    for question in questions:
+        steps, labels = tasks.corrupted_solution(question, rng)
+        assert len(steps) == len(labels) == 4
+        right = tasks.is_correct(question, tasks.STEP_SEPARATOR.join(steps))
+        assert right == (labels[-1] == "+")
+        if "-" in labels:
+            first = labels.index("-")
+            assert labels == ["+"] * first + ["-"] * (4 - first)
+            seen_errors.add(first)
+        else:
+            assert steps == question.solution.split(tasks.STEP_SEPARATOR)
+    assert seen_errors == {0, 1, 2, 3}
+
+
+def test_chance_accuracy_is_the_mean_of_one_over_the_answer_space():
+    questions = [q for q in tasks.visual_questions(50, seed=3)]
+    expected = sum(1 / tasks.answer_space(q.kind) for q in questions) / len(questions)
+    assert tasks.chance_accuracy(questions) == pytest.approx(expected)
+    assert 0.15 < expected < 0.4
