@@ -1,29 +1,33 @@
 """Prefill and decode tokens/s: this plugin vs transformers' native InternVL, same weights, side by side in one run.
 
     python benchmarks/inference.py                                   # CPU, small config, ~1-2 minutes
-    python benchmarks/inference.py --size 1b --device cuda --dtype bfloat16
+    python benchmarks/inference.py --tiles 2 --repeats 9             # 2 tiles + thumbnail per image
+    python benchmarks/inference.py --size 1b --device cuda --dtype bfloat16 --threads 8   # GPU (not run here)
 
 `InternVL3ForConditionalGeneration` is built with random weights; `internvl3_hf.formats.hf.to_native_model` gives a
 `transformers.InternVLForConditionalGeneration` sharing the very same tensors (in-memory parameter names are
-identical). Both get the same image+text prompts from the plugin processor: one `<image>` per prompt, tiled into
-`--tiles` tiles (+ thumbnail) of 448 px (256 image tokens per tile), followed by a question, in batches of 1 and 8.
+identical). Both get the same image+text prompts from the plugin processor (default system prompt, one `<image>`, a
+question): the image is `--tiles` 448-px tiles wide (default 1; a thumbnail tile is added when > 1), 256 image
+tokens per tile; batches of 1 and 8 identical-length rows (no padding).
 
-Both are timed inside one greedy `generate(max_new_tokens=N, min_new_tokens=N)` call, `generate`'s own loop (input
-preparation, cache, `prepare_inputs_for_generation`, stopping criteria) because that is what users run: a logits
-processor stamps the time each time new logits exist.
+Prefill and decode are timed inside one greedy `generate(max_new_tokens=N, min_new_tokens=N)` call, i.e. `generate`'s
+own loop (input preparation, cache, `prepare_inputs_for_generation`, stopping criteria), because that is what users
+run: a logits processor stamps the time whenever new logits exist.
 
 - prefill = time to first logits (call start → first stamp: ViT, projector and LLM over the whole prompt, plus
   `generate`'s set-up); tokens/s = batch × prompt length / time.
-- decode = last stamp - first stamp, i.e. the N - 1 one-token steps after prefill; tokens/s = batch × (N - 1) / time.
+- decode = last stamp - first stamp, the N - 1 one-token steps after prefill; tokens/s = batch × (N - 1) / time.
 
 Attention: eager and sdpa always; flash_attention_2 only on CUDA with the `flash-attn` package installed (a note is
-printed otherwise). Plugin and native alternate measurement by measurement (the order swaps every repeat) so that
-machine noise hits them alike; each cell is the median of `--repeats`. The greedy tokens of both models are compared
-once per row ("same tokens"), as a check that they really run the same weights.
+printed otherwise). Plugin and native alternate call by call (the order swaps every repeat) so that machine noise
+hits them alike; each cell is the median of `--repeats`. The greedy tokens of both models are compared once per row
+("same tokens"), a check that both really run the same weights. One torch thread by default: this machine is a
+2-vCPU VM shared with other jobs, where 2-thread timings of identical calls swung by several-fold (a descheduled
+thread stalls the other at every barrier) while 1-thread timings repeat closely; `--threads` sets another count.
 
-Sizes: `small` (default, CPU) is a 2-layer ViT of width 64 and a 4-layer Qwen2 of width 256 on real 448-px /
-patch-14 geometry; `1b` is the InternVL3-1B architecture (InternViT-300M + Qwen2.5-0.5B dimensions, vocabulary
-151 674) with random weights, meant for a GPU.
+Sizes: `small` (default, CPU) is a 2-layer ViT of width 64 and a 4-layer Qwen2 of width 256 (vocabulary of the tiny
+tokenizer, 411) on the real 448-px / patch-14 geometry; `1b` is the InternVL3-1B architecture (InternViT-300M +
+Qwen2.5-0.5B dimensions, vocabulary 151 674) with random weights, meant for a GPU.
 """
 
 from __future__ import annotations
@@ -151,13 +155,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--tiles", type=int, default=2, help="tiles per image (a thumbnail is added when > 1)")
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--tiles", type=int, default=1, help="tiles per image (a thumbnail is added when > 1)")
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--attn", nargs="+", default=["eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared VM)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -211,9 +217,10 @@ def main() -> None:
     print(f"# Inference: plugin vs transformers-native InternVL (same weights) — {args.size} config, {args.dtype}, {device}")
     print(f"# prompt: 1 image = {num_tiles} tiles x 256 tokens + question = {prompt_length[args.batches[0]]} tokens; "
           f"decode {args.new_tokens} new tokens (greedy); median of {args.repeats} interleaved repeats")
-    print(f"# {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+    print(f"# {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}, "
           f"transformers {transformers.__version__}, Python {platform.python_version()}; "
-          f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
+          f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; load average at the end "
+          f"{', '.join(f'{value:.1f}' for value in os.getloadavg())}")
     for note in notes:
         print(f"# note: {note}")
     print()

@@ -1,43 +1,57 @@
 """SFT tokens/s and peak memory: this plugin (packed, `InternVL3Trainer`) vs native InternVL + TRL `SFTTrainer`.
 
-    python benchmarks/train_step.py                      # CPU, small config, ~2-3 minutes
-    python benchmarks/train_step.py --repeats 3 --samples 96
-    python benchmarks/train_step.py --size 1b --dtype bfloat16 --attn flash_attention_2   # GPU
+    python benchmarks/train_step.py                      # CPU, small config, ~2 minutes
+    python benchmarks/train_step.py --repeats 4 --samples 64 --threads 2
+    python benchmarks/train_step.py --size 1b --dtype bfloat16 --attn flash_attention_2 --threads 8 \
+        --max-packed-tokens 8192 --samples 256 --long-words 2000          # GPU (not run here: no GPU lent)
 
-Both variants train one epoch over the same skewed-length synthetic data (`skewed_samples`: mostly short one-tile
-image questions with a one-line answer, and a minority of long samples, a 3-tile image with a long answer; lengths
-differ ~10x), starting from the same random weights:
+Both variants train on the same skewed-length synthetic data (`skewed_samples`: 1/8 long samples, a 3-tile image
+with a ~200-word answer, ~740 tokens; the rest short, a one-tile image with a one-line answer, ~117 tokens), from
+the same random weights:
 
 - **plugin, packed**: `InternVL3Trainer` (square loss weighting) over `SFTDataset(max_packed_tokens=...)` with
-  `SFTCollator(padding_free=True)`: samples best-fit packed into one row per step, per-sample positions, no padding.
+  `SFTCollator(padding_free=True)`: samples best-fit packed into one row per step, positions restarting per sample,
+  no padding; attention isolated per sample by transformers (a block-diagonal mask under sdpa/eager, varlen kernels
+  under FlashAttention).
 - **native + TRL SFTTrainer, padded**: `transformers.InternVLForConditionalGeneration` holding the same weights
   (`internvl3_hf.formats.hf.to_native_model`), trained by `trl.SFTTrainer` on a `datasets.Dataset` in the
-  conversational `messages` + `images` layout, so TRL's own `DataCollatorForVisionLanguageModeling` tokenises and
-  tiles every batch with transformers' native `InternVLProcessor` and right-pads it. TRL refuses `packing=True` and
-  `padding_free=True` for vision datasets: padding is what a TRL user gets.
+  conversational `messages` + `images` layout, so TRL's own `DataCollatorForVisionLanguageModeling` renders,
+  tokenises and tiles every batch with transformers' `InternVLProcessor` and right-pads it. TRL refuses
+  `packing=True` and `padding_free=True` for vision datasets: padding is what a TRL user gets.
 
-  One adaptation was needed offline: transformers' `InternVLProcessor` cannot be constructed without torchvision
-  (its `video_processor` slot is checked against a class that only exists with torchvision, which this venv does
-  not have). The baseline uses a subclass, `NativeProcessor`, that declares only the image processor
-  (`GotOcr2ImageProcessorPil`, the one the `-hf` checkpoints ship) and the tokenizer; every image and text path is
-  transformers' own code. TRL's collator puts the loss on every non-pad token (its default for vision data); the
-  plugin only on assistant answers: the compute per token is the same, only which targets count differs.
+  TRL's SFTTrainer does drive the native model on CPU offline, with one adaptation: transformers'
+  `InternVLProcessor` cannot be constructed without torchvision (not in this venv): `ProcessorMixin.__init__` checks
+  its `video_processor` slot against a class that exists only with torchvision, even for `video_processor=None`.
+  The baseline uses a subclass, `NativeProcessor`, declaring only the image processor (`GotOcr2ImageProcessorPil`,
+  which `-hf` checkpoints ship) and the tokenizer, built from the files `save_hf_processor` writes; every text and
+  image path is transformers' and TRL's own code. TRL's collator puts the loss on every non-pad token (its default
+  for vision data), the plugin on assistant answers only: the compute per token is the same.
 
-Common settings: the same per-step budget (TRL: `--batch-size` padded rows, default 8; plugin: one packed row of
-`--max-packed-tokens`, default 4096, ≈ the real tokens of 8 rows of this data), AdamW, fp32 on CPU, no gradient
-checkpointing in either (TRL turns it on by default; `--gradient-checkpointing` turns it on in both), sdpa attention,
-`dataloader_num_workers=0`, no logging or saving. Each variant first runs 1 warm-up step (on a few short samples), then a
-fresh trainer on the same model trains one full epoch; tokens/s = real (non-pad) tokens of the epoch / epoch wall time
-(`on_train_begin` → `on_train_end`), so both see exactly the same samples; the padded variant's pad slots are
-reported, not counted.
+Common settings: AdamW, fp32 on CPU, sdpa attention in both, no gradient checkpointing in either (TRL turns it on by
+default; `--gradient-checkpointing` turns it on in both), `dataloader_num_workers=0`, no logging or saving. Per step:
+TRL `--batch-size` padded rows (8); plugin one packed row of at most `--max-packed-tokens` (1024, the longest sample
+rounded up to a power of two). On CPU under sdpa, transformers computes a packed row's attention densely under a
+block-diagonal mask, so a packed row pays attention for all of its (length)² pairs: rows much longer than the
+longest sample waste attention work (measured with this data: rows of 1536 tokens gave ~1.6x over padding instead
+of ~1.9x). FlashAttention's varlen kernels on GPU do not have that cost.
 
-Memory: every variant runs in a fresh Python process (one per variant and repeat; variants alternate, the order
-swapping every repeat), so one variant's allocations cannot raise another's figure. On CPU, "peak RSS" is that
-process's `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the high-water mark of its resident memory (all of it:
-Python, torch, data, model, optimizer state, activations, allocator caches), and "training Δ" is that peak minus
-the RSS just before training (model and data already built), i.e. what training itself added. tracemalloc would be
-wrong here: torch tensors are not allocated through Python's allocator. On CUDA the figure is
-`torch.cuda.max_memory_allocated()` (tensors only). The medians over repeats are printed.
+Timing: one worker process per variant. Each builds its model and data, runs 1 warm-up step (a few short samples),
+then trains `--repeats` epochs, each with a fresh trainer on the same model, interleaved with the other variants
+*step by step*: a `TrainerCallback` holds every optimizer step until the driver says go, and the driver runs one
+step of one variant at a time, round robin (order swapped every epoch), waiting until that worker has also loaded
+its next batch. A variant's time is the sum of its own steps (forward, loss, backward, optimizer step) and its own
+data loading/collation (TRL tokenises and tiles there, the plugin encodes there), measured only while no other
+variant computes; tokens/s = real (non-pad) tokens / that time, over all epochs; both see the same samples. The
+default is 1 torch thread per worker: this machine is a 2-vCPU VM shared with other jobs, where 2-thread timings
+swung by 2-4x between identical runs (a descheduled thread stalls the other at every barrier) while 1-thread
+timings repeated within a few percent; `--threads 2` is there for a quiet machine.
+
+Memory: the workers are separate processes, so one variant's allocations cannot raise another's figure. On CPU,
+"peak RSS" is the process's `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the high-water mark of its resident memory
+(everything: Python, torch, data, model, optimizer state, activations, allocator caches), and "training Δ" is that
+peak minus the RSS just before warm-up (model and data built), i.e. what training added. tracemalloc would miss
+it: torch does not allocate tensors through Python's allocator. On CUDA the figure is
+`torch.cuda.max_memory_allocated()` (tensors only) and the workers run one after the other.
 """
 
 from __future__ import annotations
@@ -89,9 +103,9 @@ WORDS = (
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def skewed_samples(count: int, image_size: int, long_share: float = 0.125, long_words: int = 300, seed: int = 0):
-    """`count` samples, deterministic: mostly short (one-tile image, one-line answer), `long_share` long
-    (a 2x1-tile image + thumbnail, an answer of `long_words` words), in random order.
+def skewed_samples(count: int, image_size: int, long_share: float = 0.125, long_words: int = 200, seed: int = 0):
+    """`count` samples, deterministic: round(`count` × `long_share`) long ones (a 2x1-tile image + thumbnail and an
+    answer of `long_words` words) at random places, the rest short (a one-tile image, a one-line answer).
 
     Every sample has a short system turn: the default InternVL system prompt is Chinese, which the tiny byte-level
     tokenizer spells in ~180 tokens (the real Qwen2 tokenizer in ~35), and would make every short sample long."""
@@ -99,9 +113,10 @@ def skewed_samples(count: int, image_size: int, long_share: float = 0.125, long_
 
     rng = random.Random(seed)
     pixels = np.random.default_rng(seed)
+    long_ones = set(rng.sample(range(count), round(count * long_share)))
     samples = []
     for index in range(count):
-        long = rng.random() < long_share
+        long = index in long_ones
         width = 2 * image_size if long else image_size
         image = PIL.Image.fromarray(pixels.integers(0, 256, (image_size, width, 3), dtype=np.uint8))
         if long:
@@ -282,6 +297,7 @@ def worker(args) -> None:
     from internvl3_hf.tiny import build_tiny_tokenizer
 
     transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     variant = args.worker
     tokenizer = build_tiny_tokenizer()
     config = build_config(args.size, tokenizer)
@@ -369,15 +385,17 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="small")
-    parser.add_argument("--samples", type=int, default=24, help="samples in the epoch")
+    parser.add_argument("--samples", type=int, default=32, help="samples in the epoch")
     parser.add_argument("--long-share", type=float, default=0.125, help="share of long samples")
-    parser.add_argument("--long-words", type=int, default=300, help="answer words of a long sample")
+    parser.add_argument("--long-words", type=int, default=200, help="answer words of a long sample")
     parser.add_argument("--batch-size", type=int, default=8, help="padded rows per step (padded variants)")
-    parser.add_argument("--max-packed-tokens", type=int, default=2048, help="tokens per packed row (plugin)")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs per variant (interleaved across variants)")
+    parser.add_argument("--max-packed-tokens", type=int, default=1024, help="tokens per packed row (plugin)")
+    parser.add_argument("--repeats", type=int, default=2, help="epochs per variant (interleaved across variants)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (1: stable timings on a shared 2-vCPU machine, see docstring)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
 
 
@@ -466,14 +484,16 @@ def machine_lines(args) -> list[str]:
 
 
 def print_table(results: dict[str, dict], args, title: str, baseline: str) -> dict[str, float]:
-    """Print the markdown table; returns the median tokens/s of each variant."""
+    """Print the markdown table; returns each variant's tokens/s over all its epochs."""
     first = next(iter(results.values()))
     print(f"# {title} — {args.size} config, {args.dtype}, {args.attn}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {first['threads']} torch threads")
-    print(f"# data: {first['samples']} samples, {args.long_share:.1%} long ({args.long_words}-word answer, 3 tiles), "
-          f"the rest short (1 tile, one-line answer); padded: {args.batch_size} rows per step; packed: rows of ≤ "
-          f"{args.max_packed_tokens} tokens; {args.repeats} epoch(s) per variant, interleaved step by step; "
-          f"tokens/s over all epochs (per-epoch min-max)")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {first['threads']} torch thread(s) "
+          f"per worker")
+    long = round(first["samples"] * args.long_share)
+    print(f"# data: {first['samples']} samples, {long} long (3-tile image, {args.long_words}-word answer), "
+          f"{first['samples'] - long} short (1-tile image, one-line answer); padded: {args.batch_size} rows per step; "
+          f"packed: rows of ≤ {args.max_packed_tokens} tokens; {args.repeats} epoch(s) per variant, interleaved step "
+          f"by step; tokens/s over all epochs (per-epoch min-max)")
     for line in machine_lines(args):
         print(line)
     print()
