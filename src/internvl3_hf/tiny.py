@@ -31,6 +31,11 @@ You are a helpful assistant. Frame1: Frame2: Image-1: Image-2: 0 1 2 3 4 5 6 7 8
 
 def build_tiny_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
     """A Qwen2 tokenizer with InternVL3's special tokens; the same every call."""
+    return train_bpe_tokenizer([_CORPUS] * 4, vocab_size)
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE trained on `texts`, with Qwen2's and InternVL3's special tokens; deterministic."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(
@@ -39,7 +44,7 @@ def build_tiny_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     model_state = json.loads(bpe.model.__getstate__())
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_state["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=model_state["vocab"], merges=merges)

@@ -76,3 +76,18 @@ def test_chance_accuracy_is_the_mean_of_one_over_the_answer_space():
     expected = sum(1 / tasks.answer_space(q.kind) for q in questions) / len(questions)
     assert tasks.chance_accuracy(questions) == pytest.approx(expected)
     assert 0.15 < expected < 0.4
+
+
+def test_rollouts_are_labelled_plus_until_the_first_step_that_leaves_the_reference():
+    question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    steps = question.solution.split(tasks.STEP_SEPARATOR)
+    assert tasks.label_response(question, question.solution) == (steps, ["+"] * 4)
+    wrong_count = tasks.STEP_SEPARATOR.join([steps[0].replace(": ", ": 7"), *steps[1:]])
+    assert tasks.label_response(question, wrong_count)[1] == ["-"] * 4
+    wrong_final = tasks.STEP_SEPARATOR.join([*steps[:3], "Answer: 11"])
+    assert tasks.label_response(question, wrong_final)[1] == ["+", "+", "+", "-"]
+    truncated = tasks.STEP_SEPARATOR.join(steps[:2])
+    assert tasks.label_response(question, truncated)[1] == ["+", "-"]
+    colour = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "colour")
+    assert tasks.label_response(colour, colour.answer + ".") == ([colour.answer + "."], ["+"])
+    assert tasks.label_response(colour, "purple")[1] == ["-"]

@@ -8,17 +8,15 @@ the demo's own vocabulary and on the VisualPRM system prompt so that sequences s
 
 from __future__ import annotations
 
-import json
 
 import torch
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
 
 from ..best_of_n.prm import PRM_SYSTEM_PROMPT
 from ..modeling.configuration_internvl3 import InternVL3Config
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from ..tiny import INTERNVL_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS
+from ..tiny import train_bpe_tokenizer
 from .tasks import tokenizer_corpus
 
 IMAGE_SIZE = 56
@@ -28,24 +26,7 @@ SYSTEM_MESSAGE = "Answer."
 
 def build_demo_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     """A Qwen2 tokenizer with InternVL3's special tokens, trained on the demo's text; the same every call."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[QWEN_SPECIAL_TOKENS[0]],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([tokenizer_corpus(), PRM_SYSTEM_PROMPT * 4, (SYSTEM_MESSAGE + "\n") * 20], trainer=trainer)
-    state = json.loads(bpe.model.__getstate__())
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
-    tokenizer.add_special_tokens(
-        {"eos_token": "<|im_end|>", "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:] + INTERNVL_SPECIAL_TOKENS)}
-    )
-    tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.model_max_length = 8192
-    return tokenizer
+    return train_bpe_tokenizer([tokenizer_corpus(), PRM_SYSTEM_PROMPT * 4, (SYSTEM_MESSAGE + "\n") * 20], vocab_size)
 
 
 def demo_config(tokenizer: Qwen2Tokenizer, *, hidden_size: int = 128, layers: int = 4, **overrides) -> InternVL3Config:

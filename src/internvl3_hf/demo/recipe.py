@@ -179,15 +179,18 @@ def sft_samples(count: int, seed: int) -> list[Sample]:
     return [question_sample(question, origin=f"sft[{index}]") for index, question in enumerate(questions)]
 
 
-def prm_samples(count: int, seed: int) -> list[Sample]:
+def prm_samples(count: int, seed: int, rollouts: Sequence[tuple[Question, str]] = ()) -> list[Sample]:
     """VisualPRM training conversations (the official format: PRM system prompt, `### Question:`/`### Solution
-    Process:`, one user turn per step, each answered `+` or `-`), from the same generator."""
+    Process:`, one user turn per step, each answered `+` or `-`): `count` solutions with injected errors from the
+    generator, plus the policy's own `rollouts` labelled step by step against the reference (`tasks.label_response`),
+    so that the critic also learns the mistakes the policy really makes."""
     rng = random.Random(seed)
     visual = tasks.visual_questions(int(count * 0.8), seed, kinds=(*tasks.KINDS, "sum", "sum"))
     questions = visual + tasks.text_questions(count - len(visual), seed + 1)
+    labelled = [(question, *tasks.prm_example(question, rng)) for question in questions]
+    labelled += [(question, *tasks.label_response(question, response)) for question, response in rollouts]
     samples = []
-    for index, question in enumerate(questions):
-        steps, labels = tasks.prm_example(question, rng)
+    for index, (question, steps, labels) in enumerate(labelled):
         messages = critic_messages(question.question, steps, num_images=1 if question.has_image else 0)
         answers = iter(labels)
         for message in messages:
@@ -453,7 +456,8 @@ def run_recipe(output_dir: str | Path = "demo_out", fast: bool = False, seed: in
     # 4. Best-of-N with a critic trained as a VisualPRM (SFT on step-label conversations)
     began = time.perf_counter()
     critic = copy.deepcopy(model)
-    samples = prm_samples(size.prm_samples, seed * 1000 + 5)
+    rollouts = [(question, answer) for question, group in zip(mpo_questions, sampled) for answer in dict.fromkeys(group)]
+    samples = prm_samples(size.prm_samples, seed * 1000 + 5, rollouts)
     critic.train()
     critic_losses = train_sft(critic, processor, samples, output_dir / "prm", size.prm_steps, 1e-3, seed,
                               "4/4 critic (VisualPRM)")

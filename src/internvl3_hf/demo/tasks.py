@@ -123,23 +123,21 @@ def sum_steps(colour_a: str, count_a: int, colour_b: str, count_b: int, total: i
 STEP_SEPARATOR = "\n\n"
 
 
-def _unique(scene: Scene, key) -> list[Shape]:
-    values = [key(s) for s in scene.shapes]
-    return [s for s in scene.shapes if values.count(key(s)) == 1]
+SINGLE_OBJECT_QUESTIONS = {  # kind -> (question, the `Shape` attribute that answers it)
+    "colour": ("What colour is the shape?", "colour"),
+    "shape": ("What shape is it?", "shape"),
+    "position": ("Where is the shape?", "position"),
+}
 
 
 def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | None:
     """A question of `kind` about `scene`, or None when the scene cannot ask it unambiguously."""
-    if kind == "colour":
+    if kind in SINGLE_OBJECT_QUESTIONS:
         if len(scene.shapes) != 1:
             return None
-        item = scene.shapes[0]
-        return Question(kind, "What colour is the shape?", item.colour, item.colour, scene)
-    if kind == "shape":
-        if len(scene.shapes) != 1:
-            return None
-        item = scene.shapes[0]
-        return Question(kind, "What shape is it?", item.shape, item.shape, scene)
+        question, attribute = SINGLE_OBJECT_QUESTIONS[kind]
+        answer = getattr(scene.shapes[0], attribute)
+        return Question(kind, question, answer, answer, scene)
     if kind == "count":
         total = str(len(scene.shapes))
         return Question(kind, "How many shapes are there?", total, total, scene)
@@ -147,11 +145,6 @@ def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | N
         colour = rng.choice(list(COLOURS))
         total = str(scene.count(colour))
         return Question(kind, f"How many {colour} shapes are there?", total, total, scene)
-    if kind == "position":
-        if len(scene.shapes) != 1:
-            return None
-        item = scene.shapes[0]
-        return Question(kind, "Where is the shape?", item.position, item.position, scene)
     if kind == "sum":
         present = sorted({s.colour for s in scene.shapes})
         colour_a = rng.choice(present)
@@ -287,6 +280,32 @@ def prm_example(question: Question, rng: random.Random) -> tuple[list[str], list
     if rng.random() < 0.5:
         return [question.solution], ["+"]
     return [wrong_answer(question, rng)], ["-"]
+
+
+def reference_steps(question: Question) -> list[str]:
+    """The reference solution's steps (blank-line separated, as VisualPRM splits them)."""
+    return question.solution.split(STEP_SEPARATOR)
+
+
+def label_response(question: Question, response: str) -> tuple[list[str], list[str]]:
+    """Step labels for a model's own response, as VisualPRM labels rollouts: `+` while each step agrees with the
+    reference solution's step (whitespace and a trailing full stop aside), `-` from the first step that does not.
+
+    A response with another number of steps than the reference is judged step by step as far as both go; its
+    remaining steps are `-` unless the final answer is right (then they are kept `+`, a longer but sound process).
+    """
+    steps = [step for step in (part.strip() for part in response.split(STEP_SEPARATOR)) if step] or [response.strip()]
+    reference = reference_steps(question)
+    labels, sound = [], True
+    for index, step in enumerate(steps):
+        if index < len(reference):
+            sound = sound and normalise(step) == normalise(reference[index])
+        else:
+            sound = sound and is_correct(question, response)
+        labels.append("+" if sound else "-")
+    if len(steps) < len(reference) and not is_correct(question, response):
+        labels[-1] = "-"
+    return steps, labels
 
 
 def wrong_answer(question: Question, rng: random.Random) -> str:
