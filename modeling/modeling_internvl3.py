@@ -6,6 +6,7 @@ Parameter names follow transformers' native InternVL (`model.vision_tower.*`, `m
 `model.language_model.*`, `lm_head`), so PEFT target names, TRL's fused LM head and the `-hf` format line up.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -356,6 +357,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         image_num_patches: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        v2pe_ordinary_positions: bool = False,
         **kwargs,
     ) -> InternVL3ModelOutputWithPast:
         r"""
@@ -375,6 +377,10 @@ class InternVL3Model(InternVL3PreTrainedModel):
             `{"image": BaseModelOutputWithPooling(pooler_output=features)}` with `features` from
             `get_image_features`, shape `(num_tiles, image_seq_length, hidden)`. Lets one ViT pass serve
             several rows (e.g. the chosen and rejected answers of a preference pair).
+        v2pe_ordinary_positions (`bool`, defaults to `False`):
+            Set by `generate` when V2PE gives every image of the prompt δ = 1 (or there is no image): the integer
+            `position_ids` then are the V2PE positions and go, as they are, down transformers' ordinary path (no
+            V2PE derivation, no float positions), on prefill and on every decode step.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("InternVL3Model.forward needs exactly one of input_ids or inputs_embeds.")
@@ -382,15 +388,22 @@ class InternVL3Model(InternVL3PreTrainedModel):
             raise ValueError("Pass either pixel_values or mm_encoder_outputs, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        # Built only where needed (V2PE derivation, image merge): a decode step needs neither.
+        image_token_mask = None
 
+        # Which positions the rotary embedding gets; the cheap cases (ordinary positions, generate's ready-made ones,
+        # i.e. every decode step of `generate`) come first and add no tensor op.
         rope_position_ids, strides = None, None
-        if position_ids is not None and position_ids.is_floating_point():
+        if v2pe_ordinary_positions:
+            pass
+        elif position_ids is not None and position_ids.is_floating_point():
             # Ready-made fractional positions feed the rotary embedding only, never the masks.
             rope_position_ids, position_ids = position_ids, None
         elif self.config.v2pe_mode != "none" or v2pe_strides is not None or _cache_has_v2pe(past_key_values):
+            image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             rope_position_ids, strides = self.v2pe_positions(
-                image_token_mask, attention_mask, position_ids, v2pe_strides, _cached_next_position(past_key_values)
+                image_token_mask, attention_mask, position_ids, v2pe_strides,
+                _cached_next_position(past_key_values, inputs_embeds.device),
             )
 
         image_features = None
@@ -404,6 +417,8 @@ class InternVL3Model(InternVL3PreTrainedModel):
                 )
             image_features = self.get_image_features(pixel_values).pooler_output
         if image_features is not None:
+            if image_token_mask is None:  # before the merge: with inputs_embeds it is read off the embeddings
+                image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             inputs_embeds = self.merge_image_features(
                 inputs_embeds, image_token_mask, image_features, image_num_patches
             )
@@ -416,9 +431,12 @@ class InternVL3Model(InternVL3PreTrainedModel):
             rope_position_ids=rope_position_ids,
             **kwargs,
         )
-        if rope_position_ids is not None and outputs.past_key_values is not None:
-            # Lets a later call on this cache without positions continue the V2PE positions.
-            outputs.past_key_values.v2pe_next_position = rope_position_ids[:, -1] + 1
+        if outputs.past_key_values is not None and (rope_position_ids is not None or v2pe_ordinary_positions):
+            # Lets a later call on this cache without positions continue the V2PE positions (at last + 1). Only a
+            # reference to this call's positions: no tensor op per decode step.
+            last_positions = rope_position_ids if rope_position_ids is not None else position_ids
+            if last_positions is not None:
+                outputs.past_key_values.v2pe_last_positions = last_positions
         return InternVL3ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
@@ -432,17 +450,17 @@ class InternVL3Model(InternVL3PreTrainedModel):
 
 def _cache_has_v2pe(past_key_values: Cache | None) -> bool:
     """A cache filled under V2PE keeps later calls on V2PE positions, whatever the mode."""
-    return getattr(past_key_values, "v2pe_next_position", None) is not None
+    return getattr(past_key_values, "v2pe_last_positions", None) is not None
 
 
-def _cached_next_position(past_key_values: Cache | None) -> torch.Tensor | None:
-    """Where V2PE positions continue on a non-empty cache (`None` for no or an empty cache)."""
+def _cached_next_position(past_key_values: Cache | None, device: torch.device) -> torch.Tensor | None:
+    """Where V2PE positions continue on a non-empty cache, `(batch,)` (`None` for no or an empty cache)."""
     if past_key_values is None or past_key_values.get_seq_length() == 0:
         return None
-    next_position = getattr(past_key_values, "v2pe_next_position", None)
-    if next_position is None:  # a cache filled without V2PE holds ordinary positions
-        return torch.tensor([float(past_key_values.get_seq_length())])
-    return next_position
+    last_positions = getattr(past_key_values, "v2pe_last_positions", None)
+    if last_positions is None:  # a cache filled without V2PE holds ordinary positions
+        return torch.tensor([float(past_key_values.get_seq_length())], device=device)
+    return last_positions[:, -1] + 1
 
 
 class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin, InternVLChatMixin):
@@ -525,7 +543,12 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
         )
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Under V2PE, the prompt's fractional rotary positions; `generate` then continues them at last + 1."""
+        """Under V2PE, the prompt's fractional rotary positions; `generate` then continues them at last + 1.
+
+        Where V2PE gives the prompt its ordinary positions (δ = 1 for every image, or no image), `generate` keeps
+        transformers' integer positions and marks them `v2pe_ordinary_positions`: decoding then runs exactly the
+        native path. Either way each decode step only adds 1 to the last position (in `generate`).
+        """
         position_ids = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         v2pe_strides = model_kwargs.get("v2pe_strides")
         if self.config.v2pe_mode == "none" and v2pe_strides is None:
@@ -540,8 +563,17 @@ class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixi
         rope_position_ids, _ = self.model.v2pe_positions(
             image_token_mask, model_kwargs.get("attention_mask"), v2pe_strides=v2pe_strides
         )
+        if rope_position_ids.shape == position_ids.shape and torch.equal(
+            rope_position_ids, position_ids.to(rope_position_ids.dtype)
+        ):  # one host sync per `generate` call, none per step
+            model_kwargs["v2pe_ordinary_positions"] = True
+            return position_ids
         return rope_position_ids
 
+
+# `generate` reads `inspect.signature(self.forward)` on every decode step for classes registered for an auto class
+# (transformers' remote-code `cache_position` shim): a precomputed signature makes that lookup ~4x cheaper.
+InternVL3ForConditionalGeneration.forward.__signature__ = inspect.signature(InternVL3ForConditionalGeneration.forward)
 
 InternVL3Model.register_for_auto_class("AutoModel")
 InternVL3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
