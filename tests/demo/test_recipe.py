@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from internvl3_hf.cli import main
 from internvl3_hf.demo import recipe
@@ -21,10 +24,13 @@ def fast_run(tmp_path_factory):
         return captured["report"]
 
     recipe.run_recipe = keep_report
+    before = logging.getLogger("internvl3_hf").level, hf_logging.get_verbosity()
     try:
         assert main(["demo", "--fast", "--output", str(output)]) == 0
     finally:
         recipe.run_recipe = original
+    # The demo quiets the libraries for its own run only.
+    assert (logging.getLogger("internvl3_hf").level, hf_logging.get_verbosity()) == before
     return captured["report"], output
 
 

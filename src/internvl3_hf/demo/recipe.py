@@ -14,7 +14,8 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,14 +382,17 @@ def _log(message: str) -> None:
 def run_recipe(output_dir: str | Path = "demo_out", fast: bool = False, seed: int = 0, png: bool = True,
                chat: bool = True) -> RecipeReport:
     """Run the four stages and return the report (the table is printed, the PNG written to `output_dir`)."""
+    with _quiet_libraries():
+        return _run_stages(Path(output_dir), fast, seed, png, chat)
+
+
+def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) -> RecipeReport:
     from ..mpo import MPOConfig, MPOTrainer
     from .report import format_table, write_png
 
     start = time.perf_counter()
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     size = SIZES["fast" if fast else "default"]
-    _silence_libraries()
     torch.manual_seed(seed)
 
     tokenizer = build_demo_tokenizer()
@@ -545,10 +549,20 @@ def chat_with_final_model(model, processor, directory: Path, seed: int) -> str:
     return answer
 
 
-def _silence_libraries() -> None:
-    """Keep the progress bars readable: no per-step log dicts, no repeated library warnings."""
-    hf_logging.set_verbosity_error()
-    logging.getLogger("internvl3_hf").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+@contextmanager
+def _quiet_libraries():
+    """Keep the progress bars readable (no per-step log dicts, no repeated library warnings) for the run only:
+    the caller's logging levels and warning filters are restored afterwards."""
+    ours = logging.getLogger("internvl3_hf")
+    levels = hf_logging.get_verbosity(), ours.level
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        hf_logging.set_verbosity_error()
+        ours.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(levels[0])
+            ours.setLevel(levels[1])
