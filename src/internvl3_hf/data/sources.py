@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 OFFICIAL_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -106,11 +107,10 @@ def add_missing_placeholders(sample: Sample) -> None:
     user_turns[0]["content"] = prefix + user_turns[0]["content"]
 
 
-def read_official_jsonl(
-    annotation: str | Path, root: str | Path, data_augment: bool = False, max_dynamic_patch: int | None = None
-) -> tuple[list[Sample], list[str]]:
-    """Samples of one official annotation file, and the errors of the lines that could not be read."""
-    samples, errors = [], []
+def read_jsonl_records(annotation: str | Path, convert: Callable[[Any, str], T]) -> tuple[list[T], list[str]]:
+    """`convert(record, origin)` of every line of a JSONL file, and the errors (`file:line: ...`) of the lines that
+    are not JSON or that `convert` refuses with a `DataError`; blank lines are skipped."""
+    items, errors = [], []
     annotation = Path(annotation)
     with annotation.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -118,17 +118,20 @@ def read_official_jsonl(
                 continue
             origin = f"{annotation}:{number}"
             try:
-                record = json.loads(line)
-                samples.append(official_record_to_sample(record, Path(root), origin, data_augment, max_dynamic_patch))
+                items.append(convert(json.loads(line), origin))
             except json.JSONDecodeError as error:
                 errors.append(f"{origin}: invalid JSON ({error.msg}).")
             except DataError as error:
                 errors.append(str(error))
-    return samples, errors
+    return items, errors
 
 
-def read_official_meta(meta_path: str | Path) -> tuple[list[Source], list[str]]:
-    """Every dataset of an official meta JSON (`root`, `annotation`, `data_augment`, `repeat_time`, ...)."""
+def read_meta(
+    meta_path: str | Path, read_annotation: Callable[[Path, Path, bool, int | None], tuple[list[T], list[str]]]
+) -> tuple[list[Source], list[str]]:
+    """Every dataset of an official meta JSON (`root`, `annotation`, `data_augment`, `repeat_time`,
+    `max_dynamic_patch`), each annotation read by `read_annotation(annotation, root, data_augment, max_dynamic_patch)`;
+    relative paths are relative to the meta file."""
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     sources, errors = [], []
@@ -136,16 +139,30 @@ def read_official_meta(meta_path: str | Path) -> tuple[list[Source], list[str]]:
         for key in ("root", "annotation"):
             if key not in entry:
                 raise DataError(f"{meta_path}: dataset {name!r} has no {key!r}.")
-        annotation = Path(entry["annotation"])
+        annotation, root = (Path(entry[key]) for key in ("annotation", "root"))
         annotation = annotation if annotation.is_absolute() else meta_path.parent / annotation
-        root = Path(entry["root"])
         root = root if root.is_absolute() else meta_path.parent / root
-        samples, source_errors = read_official_jsonl(
+        items, source_errors = read_annotation(
             annotation, root, bool(entry.get("data_augment", False)), entry.get("max_dynamic_patch")
         )
-        sources.append(Source(name, samples, float(entry.get("repeat_time", 1.0))))
+        sources.append(Source(name, items, float(entry.get("repeat_time", 1.0))))
         errors += source_errors
     return sources, errors
+
+
+def read_official_jsonl(
+    annotation: str | Path, root: str | Path, data_augment: bool = False, max_dynamic_patch: int | None = None
+) -> tuple[list[Sample], list[str]]:
+    """Samples of one official annotation file, and the errors of the lines that could not be read."""
+    return read_jsonl_records(
+        annotation,
+        lambda record, origin: official_record_to_sample(record, Path(root), origin, data_augment, max_dynamic_patch),
+    )
+
+
+def read_official_meta(meta_path: str | Path) -> tuple[list[Source], list[str]]:
+    """Every dataset of an official meta JSON (`root`, `annotation`, `data_augment`, `repeat_time`, ...)."""
+    return read_meta(meta_path, read_official_jsonl)
 
 
 def samples_from_hf_dataset(dataset: Iterable[dict], name: str = "dataset", data_augment: bool = False) -> tuple[list[Sample], list[str]]:

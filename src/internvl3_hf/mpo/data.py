@@ -16,7 +16,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
@@ -38,6 +37,8 @@ from ..data.sources import (
     Source,
     add_missing_placeholders,
     mix_sources,
+    read_jsonl_records,
+    read_meta,
     resolve_video,
 )
 from ..data.synthetic import COLOURS, shape_image
@@ -195,45 +196,20 @@ def read_preference_jsonl(
     annotation: str | Path, root: str | Path, data_augment: bool = False, max_dynamic_patch: int | None = None
 ) -> tuple[list[PreferencePair], list[str]]:
     """Pairs of one official MMPR annotation file, and the errors (`file:line: ...`) of the unreadable lines."""
-    pairs, errors = [], []
-    annotation = Path(annotation)
-    with annotation.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            origin = f"{annotation}:{number}"
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise DataError(f"{origin}: a line must be a JSON object.")
-                record = {**record, "data_augment": data_augment, "max_dynamic_patch": max_dynamic_patch}
-                record.pop("origin", None)
-                pairs.append(pair_from_row(record, origin, Path(root)))
-            except json.JSONDecodeError as error:
-                errors.append(f"{origin}: invalid JSON ({error.msg}).")
-            except DataError as error:
-                errors.append(str(error))
-    return pairs, errors
+
+    def convert(record: Any, origin: str) -> PreferencePair:
+        if not isinstance(record, dict):
+            raise DataError(f"{origin}: a line must be a JSON object.")
+        record = {**record, "data_augment": data_augment, "max_dynamic_patch": max_dynamic_patch}
+        record.pop("origin", None)
+        return pair_from_row(record, origin, Path(root))
+
+    return read_jsonl_records(annotation, convert)
 
 
 def read_preference_meta(meta_path: str | Path) -> tuple[list[Source], list[str]]:
     """Every dataset of an official MPO meta JSON (`root`, `annotation`, `repeat_time`, `data_augment`, ...)."""
-    meta_path = Path(meta_path)
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    sources, errors = [], []
-    for name, entry in meta.items():
-        for key in ("root", "annotation"):
-            if key not in entry:
-                raise DataError(f"{meta_path}: dataset {name!r} has no {key!r}.")
-        annotation, root = Path(entry["annotation"]), Path(entry["root"])
-        annotation = annotation if annotation.is_absolute() else meta_path.parent / annotation
-        root = root if root.is_absolute() else meta_path.parent / root
-        pairs, source_errors = read_preference_jsonl(
-            annotation, root, bool(entry.get("data_augment", False)), entry.get("max_dynamic_patch")
-        )
-        sources.append(Source(name, pairs, float(entry.get("repeat_time", 1.0))))
-        errors += source_errors
-    return sources, errors
+    return read_meta(meta_path, read_preference_jsonl)
 
 
 def pairs_from_hf_dataset(dataset: Iterable[dict], name: str = "dataset") -> tuple[list[PreferencePair], list[str]]:
