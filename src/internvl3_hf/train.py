@@ -14,6 +14,7 @@ on a machine without a C++ compiler; see `internvl3_hf.compile`. Not `torch_comp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +124,37 @@ def apply_lora(model, settings: dict):
 
 def build_samples(settings: dict) -> list[Sample]:
     """Every source of the recipe, mixed by `repeat_time`; read errors are logged and counted."""
+    return read_recipe_sources(
+        settings,
+        read_meta=read_official_meta,
+        read_jsonl=read_official_jsonl,
+        from_hf=lambda dataset, name, source: samples_from_hf_dataset(dataset, name, bool(source.get("data_augment"))),
+        synthetic=lambda source: synthetic_samples(int(source.get("count", 8)), int(source.get("seed", 0))),
+    )
+
+
+def read_recipe_sources(
+    settings: dict,
+    *,
+    read_meta: Callable[[str], tuple[list[Source], list[str]]],
+    read_jsonl: Callable[[str, str, bool, int | None], tuple[list, list[str]]],
+    from_hf: Callable[[Any, str, dict], tuple[list, list[str]]],
+    synthetic: Callable[[dict], list],
+    noun: str = "records",
+) -> list:
+    """The recipe `data` section's `sources` (types official_meta, official_jsonl, hf, synthetic), each read by the
+    given reader (SFT samples or preference pairs), mixed by `repeat_time`; unreadable records logged and counted."""
     sources, errors = [], []
     for index, source in enumerate(settings.get("sources", [])):
         kind = source.get("type")
         name = source.get("name", f"{kind}[{index}]")
         if kind == "official_meta":
-            meta_sources, meta_errors = read_official_meta(source["path"])
+            meta_sources, meta_errors = read_meta(source["path"])
             sources += meta_sources
             errors += meta_errors
             continue
         if kind == "official_jsonl":
-            samples, source_errors = read_official_jsonl(
+            items, source_errors = read_jsonl(
                 source["path"], source.get("root", "."), bool(source.get("data_augment")), source.get("max_dynamic_patch")
             )
         elif kind == "hf":
@@ -141,17 +162,17 @@ def build_samples(settings: dict) -> list[Sample]:
 
             path = source["path"]
             dataset = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, split=source.get("split", "train"))
-            samples, source_errors = samples_from_hf_dataset(dataset, name, bool(source.get("data_augment")))
+            items, source_errors = from_hf(dataset, name, source)
         elif kind == "synthetic":
-            samples, source_errors = synthetic_samples(int(source.get("count", 8)), int(source.get("seed", 0))), []
+            items, source_errors = synthetic(source), []
         else:
             raise ValueError(f"Unknown data source type {kind!r}; use official_meta, official_jsonl, hf or synthetic.")
-        sources.append(Source(name, samples, float(source.get("repeat_time", 1.0))))
+        sources.append(Source(name, items, float(source.get("repeat_time", 1.0))))
         errors += source_errors
     for error in errors:
         logger.warning("skipped record: %s", error)
     if errors:
-        logger.warning("%d records could not be read", len(errors))
+        logger.warning("%d %s could not be read", len(errors), noun)
     return mix_sources(sources, int(settings.get("seed", 0)))
 
 

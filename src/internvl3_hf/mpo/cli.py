@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
@@ -24,49 +23,24 @@ logger = logging.getLogger(__name__)
 
 def build_preference_pairs(settings: dict) -> list[PreferencePair]:
     """Every source of the recipe's `data` section, mixed by `repeat_time`; unreadable records logged."""
-    from ..data.sources import Source
-    from .data import (
-        mix_preference_sources,
-        pairs_from_hf_dataset,
-        read_preference_jsonl,
-        read_preference_meta,
-        synthetic_preference_pairs,
+    from ..train import read_recipe_sources
+    from .data import pairs_from_hf_dataset, read_preference_jsonl, read_preference_meta, synthetic_preference_pairs
+
+    def synthetic(source: dict) -> list[PreferencePair]:
+        pairs = synthetic_preference_pairs(int(source.get("count", 8)), int(source.get("seed", 0)))
+        if source.get("system"):
+            for pair in pairs:
+                pair.prompt.insert(0, {"role": "system", "content": str(source["system"])})
+        return pairs
+
+    return read_recipe_sources(
+        settings,
+        read_meta=read_preference_meta,
+        read_jsonl=read_preference_jsonl,
+        from_hf=lambda dataset, name, source: pairs_from_hf_dataset(dataset, name),
+        synthetic=synthetic,
+        noun="preference records",
     )
-
-    sources, errors = [], []
-    for index, source in enumerate(settings.get("sources", [])):
-        kind = source.get("type")
-        name = source.get("name", f"{kind}[{index}]")
-        if kind == "official_meta":
-            meta_sources, meta_errors = read_preference_meta(source["path"])
-            sources += meta_sources
-            errors += meta_errors
-            continue
-        if kind == "official_jsonl":
-            pairs, source_errors = read_preference_jsonl(
-                source["path"], source.get("root", "."), bool(source.get("data_augment")), source.get("max_dynamic_patch")
-            )
-        elif kind == "hf":
-            from datasets import load_dataset, load_from_disk
-
-            path = source["path"]
-            dataset = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, split=source.get("split", "train"))
-            pairs, source_errors = pairs_from_hf_dataset(dataset, name)
-        elif kind == "synthetic":
-            pairs = synthetic_preference_pairs(int(source.get("count", 8)), int(source.get("seed", 0)))
-            if source.get("system"):
-                for pair in pairs:
-                    pair.prompt.insert(0, {"role": "system", "content": str(source["system"])})
-            source_errors = []
-        else:
-            raise ValueError(f"Unknown data source type {kind!r}; use official_meta, official_jsonl, hf or synthetic.")
-        sources.append(Source(name, pairs, float(source.get("repeat_time", 1.0))))
-        errors += source_errors
-    for error in errors:
-        logger.warning("skipped record: %s", error)
-    if errors:
-        logger.warning("%d preference records could not be read", len(errors))
-    return mix_preference_sources(sources, int(settings.get("seed", 0)))
 
 
 def lora_config(settings: dict):

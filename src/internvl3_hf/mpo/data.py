@@ -36,7 +36,6 @@ from ..data.sources import (
     Sample,
     Source,
     add_missing_placeholders,
-    mix_sources,
     read_jsonl_records,
     read_meta,
     resolve_video,
@@ -241,11 +240,6 @@ def synthetic_preference_pairs(count: int, seed: int = 0, image_size: int = 56) 
             )
         )
     return pairs
-
-
-def mix_preference_sources(sources: list[Source], seed: int = 0) -> list[PreferencePair]:
-    """One shuffled list with the official `repeat_time` semantics (as for SFT)."""
-    return mix_sources(sources, seed)
 
 
 # --------------------------------------------------------------------------------------------------- encoding
