@@ -32,8 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inference import build_inputs, build_model, native_twin  # noqa: E402
+from inference import build_inputs, build_model  # noqa: E402
 
+from internvl3_hf.formats.hf import to_native_model  # noqa: E402
 from internvl3_hf.processing import processor_for_config  # noqa: E402
 from internvl3_hf.tiny import build_tiny_tokenizer  # noqa: E402
 
@@ -102,7 +103,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     plugin = build_model("small", tokenizer)
-    native = native_twin(plugin)
+    native = to_native_model(plugin)
     processor = processor_for_config(tokenizer, plugin.config)
     plugin_inputs = build_inputs(processor, args.batch, 1)
     native_inputs = {k: v for k, v in plugin_inputs.items() if k != "image_num_patches"}

@@ -107,18 +107,6 @@ def build_inputs(processor, batch: int, tiles: int) -> dict[str, torch.Tensor]:
     return dict(processor(text=[prompt] * batch, images=[[image] for image in images], return_tensors="pt"))
 
 
-def native_twin(plugin) -> transformers.InternVLForConditionalGeneration:
-    """`to_native_model(plugin)`, with the non-persistent buffers (rotary `inv_freq`) it leaves on the meta device
-    taken from `plugin` too (same names); a no-op once `to_native_model` shares them itself."""
-    native = to_native_model(plugin)
-    plugin_buffers = dict(plugin.named_buffers())
-    for name, buffer in list(native.named_buffers()):
-        if buffer.is_meta:
-            module_name, _, buffer_name = name.rpartition(".")
-            native.get_submodule(module_name)._buffers[buffer_name] = plugin_buffers[name]
-    return native
-
-
 class StepClock(LogitsProcessor):
     """Records `time.perf_counter()` each time `generate` has new logits (after prefill, then after each step)."""
 
@@ -170,7 +158,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     plugin = build_model(args.size, tokenizer).to(device, dtype)
-    native = native_twin(plugin)  # shares every tensor with `plugin`
+    native = to_native_model(plugin)  # shares every tensor with `plugin`
     processor = processor_for_config(tokenizer, plugin.config)
     notes = []
     attentions = []

@@ -168,20 +168,6 @@ def build_config(size: str, tokenizer):
     )
 
 
-def native_twin(plugin):
-    """`to_native_model(plugin)`, with the non-persistent buffers (rotary `inv_freq`) it leaves on the meta device
-    taken from `plugin` too (same names); a no-op once `to_native_model` shares them itself."""
-    from internvl3_hf.formats.hf import to_native_model
-
-    native = to_native_model(plugin)
-    plugin_buffers = dict(plugin.named_buffers())
-    for name, buffer in list(native.named_buffers()):
-        if buffer.is_meta:
-            module_name, _, buffer_name = name.rpartition(".")
-            native.get_submodule(module_name)._buffers[buffer_name] = plugin_buffers[name]
-    return native
-
-
 def native_processor(processor, config):
     """transformers' `InternVLProcessor` for `config`, without its video processor (needs torchvision)."""
     from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
@@ -293,6 +279,7 @@ def worker(args) -> None:
     from transformers import TrainerCallback
 
     from internvl3_hf import InternVL3ForConditionalGeneration
+    from internvl3_hf.formats.hf import to_native_model
     from internvl3_hf.processing import processor_for_config
     from internvl3_hf.tiny import build_tiny_tokenizer
 
@@ -305,7 +292,7 @@ def worker(args) -> None:
     model = InternVL3ForConditionalGeneration(config).to(getattr(torch, args.dtype))
     processor = processor_for_config(tokenizer, config)
     if variant == "trl-native-padded":
-        model = native_twin(model)
+        model = to_native_model(model)
         processor = native_processor(processor, config)
     model.set_attn_implementation(args.attn)
     model.train()

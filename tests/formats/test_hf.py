@@ -8,7 +8,7 @@ from transformers import InternVLForConditionalGeneration
 
 from internvl3_hf import InternVL3ForConditionalGeneration
 from internvl3_hf.formats.convert import detect_format, load_checkpoint
-from internvl3_hf.formats.hf import save_hf
+from internvl3_hf.formats.hf import save_hf, to_native_model
 from internvl3_hf.tiny import tiny_config
 
 
@@ -34,6 +34,17 @@ def test_hf_export_loads_in_transformers_native_class_with_equal_logits(tokenize
     keys = load_file(tmp_path / "hf" / "model.safetensors")
     assert "language_model.lm_head.weight" in keys
     assert any(key.startswith("vision_tower.encoder.layer.0.attention.q_proj") for key in keys)
+
+
+def test_to_native_model_shares_every_tensor_and_gives_equal_logits(tokenizer):
+    model = _tiny_model(tokenizer)
+    native = to_native_model(model)
+    assert not any(tensor.is_meta for tensor in [*native.parameters(), *native.buffers()])
+    plugin_buffers = dict(model.named_buffers())
+    assert all(buffer is plugin_buffers[name] for name, buffer in native.named_buffers())
+    inputs = _inputs(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(native(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
 
 
 def test_plugin_to_hf_to_plugin_is_bit_exact(tokenizer, tmp_path):

@@ -88,10 +88,16 @@ def load_hf_config(path: str | Path) -> InternVL3Config:
 
 
 def to_native_model(model) -> InternVLForConditionalGeneration:
-    """A native model sharing `model`'s tensors (no copy): in-memory parameter names are identical by design."""
+    """A native model sharing `model`'s tensors (no copy): in-memory parameter and buffer names are identical by
+    design. Non-persistent buffers (the rotary `inv_freq`) are not in the state dict: they are shared by name."""
     with torch.device("meta"):
         native = InternVLForConditionalGeneration(plugin_config_to_hf(model.config))
     native.load_state_dict(model.state_dict(), strict=True, assign=True)
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(native.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            native.get_submodule(module_name)._buffers[buffer_name] = buffers[name]
     native.generation_config = model.generation_config
     return native.eval()
 
