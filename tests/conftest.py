@@ -194,3 +194,13 @@ def image_span_ids(special_ids):
 @pytest.fixture
 def pixel_values_factory():
     return make_pixel_values
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make each step up to 10x slower
+    (and 2-rank DDP tests run one thread per rank). Modules opt in with `pytestmark`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

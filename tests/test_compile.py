@@ -24,15 +24,15 @@ from test_sft import SequentialTrainer, sft_dataset, sgd_args
 BACKEND = "aot_eager"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test starts and ends with empty dynamo caches and counters, on one thread (a busy 2-core CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Each test starts and ends with empty dynamo caches and counters."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 class CountingBackend:

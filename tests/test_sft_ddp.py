@@ -22,13 +22,7 @@ DDP_SPLITS = ((2, 1), (1, 2))
 WEIGHTINGS = ("square", "sample")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The workers run with one thread each (2 ranks on 2 cores); so does the single-process reference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(output_dir: Path, mode: str, timeout: int = 300) -> None:

@@ -19,13 +19,7 @@ from internvl3_hf.processing import processor_for_config  # noqa: E402
 CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast and keeps the timings steady on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(model, scale: float, seed: int):

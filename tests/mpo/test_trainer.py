@@ -24,13 +24,7 @@ RECIPE = "recipes/tiny_cpu_mpo.yaml"
 BETA = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast and keeps the timings steady on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_pairs(count: int = 4):
