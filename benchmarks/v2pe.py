@@ -119,8 +119,8 @@ def main() -> None:
           f"{args.dtype}, {args.attn}, {device}")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| mode | median ms | min ms | overhead vs none |")
-    print(f"|---|---|---|---|")
+    print("| mode | median ms | min ms | overhead vs none |")
+    print("|---|---|---|---|")
     for mode, times in results.items():
         median = statistics.median(times)
         print(f"| {mode} | {median * 1e3:.1f} | {min(times) * 1e3:.1f} | {100 * (median / baseline - 1):+.2f} % |")

@@ -27,7 +27,6 @@ from transformers.utils import logging as hf_logging
 
 from ..best_of_n import VisualPRM, best_of_n, critic_messages, generate_candidates, majority_vote
 from ..data import SFTCollator, SFTDataset, Sample, SupervisedEncoder
-from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
 from ..processing import processor_for_config
 from ..sft import InternVL3Trainer
 from . import tasks
@@ -89,7 +88,6 @@ class StageResult:
     text: list[bool]
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
-    note: str = ""
 
     @property
     def visual_correct(self) -> int:
@@ -339,7 +337,7 @@ def evaluate(model, processor, visual: Sequence[Question], text: Sequence[Questi
     by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
     for question, ok in zip(visual, correct):
         by_kind[question.kind].append(ok)
-    return by_kind, correct[len(visual) :], answers
+    return by_kind, correct[len(visual) :]
 
 
 def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
@@ -411,9 +409,9 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
          f"chance {chance:.1%}, majority answer {majority:.1%}")
     stages: list[StageResult] = []
 
-    def finish(name: str, began: float, losses, note: str = "") -> StageResult:
-        visual, text, _ = evaluate(model, processor, visual_eval, text_eval, f"{name}: evaluate")
-        result = StageResult(name, visual, text, time.perf_counter() - began, losses, note)
+    def finish(name: str, began: float, losses) -> StageResult:
+        visual, text = evaluate(model, processor, visual_eval, text_eval, f"{name}: evaluate")
+        result = StageResult(name, visual, text, time.perf_counter() - began, losses)
         stages.append(result)
         _log(f"{name}: held-out visual {result.visual_correct}/{result.visual_total} = {result.visual_accuracy:.1%}, "
              f"text {sum(text)}/{len(text)} = {result.text_accuracy:.1%} ({result.seconds:.0f} s)")
@@ -425,7 +423,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     model.train()
     losses = train_sft(model, processor, samples, output_dir / "pretrain", size.pretrain_steps, 1e-3, seed,
                        "1/4 pre-training", size.packed_tokens)
-    finish("pre-training", began, losses, f"{len(samples)} conversations, packed")
+    finish("pre-training", began, losses)
 
     # 2. SFT on instruction data (step-by-step answers for the arithmetic)
     began = time.perf_counter()
@@ -433,7 +431,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     model.train()
     losses = train_sft(model, processor, samples, output_dir / "sft", size.sft_steps, 1e-3, seed, "2/4 SFT",
                        size.packed_tokens)
-    finish("SFT", began, losses, f"{len(samples)} instructions")
+    finish("SFT", began, losses)
 
     # 3. MPO on pairs of the SFT model's own right and wrong answers
     began = time.perf_counter()
@@ -454,7 +452,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     _quiet(trainer, progress)
     trainer.train()
     model.eval()
-    finish("MPO", began, progress.losses, f"{len(pairs)} pairs")
+    finish("MPO", began, progress.losses)
     del trainer
 
     # 4. Best-of-N with a critic trained as a VisualPRM (SFT on step-label conversations)
@@ -467,8 +465,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
                               "4/4 critic (VisualPRM)")
     prm = VisualPRM(critic.eval(), processor, batch_size=16)
     bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
-    result = StageResult("Best-of-N", bon["visual"], bon["text"], time.perf_counter() - began, critic_losses,
-                         f"N={size.bon_n}, VisualPRM critic")
+    result = StageResult("Best-of-N", bon["visual"], bon["text"], time.perf_counter() - began, critic_losses)
     stages.append(result)
     report = RecipeReport(stages, chance, majority, 0.0, output_dir, extra={"bon": bon, "mpo_pairs": stats})
     _log(f"Best-of-{size.bon_n}: held-out visual {result.visual_correct}/{result.visual_total} = "

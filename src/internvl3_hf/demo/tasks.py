@@ -31,7 +31,12 @@ GRID = 2
 ROWS = ("top", "bottom")
 COLUMNS = ("left", "right")
 KINDS = ("colour", "shape", "count", "position", "sum")
-SINGLE_OBJECT_KINDS = ("colour", "shape", "position")
+SINGLE_OBJECT_QUESTIONS = {  # kind -> (question, the `Shape` attribute that answers it)
+    "colour": ("What colour is the shape?", "colour"),
+    "shape": ("What shape is it?", "shape"),
+    "position": ("Where is the shape?", "position"),
+}
+SINGLE_OBJECT_KINDS = tuple(SINGLE_OBJECT_QUESTIONS)
 MAX_SHAPES = GRID * GRID
 
 
@@ -121,13 +126,6 @@ def sum_steps(colour_a: str, count_a: int, colour_b: str, count_b: int, total: i
 
 
 STEP_SEPARATOR = "\n\n"
-
-
-SINGLE_OBJECT_QUESTIONS = {  # kind -> (question, the `Shape` attribute that answers it)
-    "colour": ("What colour is the shape?", "colour"),
-    "shape": ("What shape is it?", "shape"),
-    "position": ("Where is the shape?", "position"),
-}
 
 
 def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | None:
