@@ -63,9 +63,36 @@ def test_select_best():
     with pytest.raises(ValueError, match="empty candidate list"):
         select_best([], "prm")
     with pytest.raises(ValueError, match="critic score"):
+        select_best([_candidate("a", answer="1")], "prm_vote")
+    with pytest.raises(ValueError, match="critic score"):
         select_best([_candidate("a")], "prm")
     with pytest.raises(ValueError, match="Unknown strategy"):
         select_best(scored, "beam")
+
+
+def test_prm_vote_sums_scores_per_answer():
+    """Weighted Best-of-N by hand: "7" has 0.4 + 0.35 = 0.75 > "8" at 0.7, although "8" holds the best single
+    score (what `prm` picks); the winner's best-scored member is returned."""
+    candidates = [
+        _candidate("x = 7", 0.4, "7"),
+        _candidate("so 8", 0.7, "8"),
+        _candidate("", -math.inf),
+        _candidate("x = 7.", 0.35, "**7**"),  # normalised, votes with "7"
+    ]
+    assert select_best(candidates, "prm") == 1
+    assert select_best(candidates, "prm_vote") == 0
+    # A candidate without an extractable answer stands alone; it wins on its own score when that is the largest.
+    lone = [_candidate("a", 0.3, "1"), _candidate("b", 0.9), _candidate("c", 0.5, "1")]
+    assert select_best(lone, "prm_vote") == 1
+    lone[1].score = 0.7  # 0.7 < 0.3 + 0.5: the "1" group wins, its best member
+    assert select_best(lone, "prm_vote") == 2
+    # Equal totals: the answer seen first; all empty: the first candidate.
+    assert select_best([_candidate("p", 0.5, "A"), _candidate("q", 0.5, "B")], "prm_vote") == 0
+    assert select_best([_candidate("", -math.inf), _candidate("", -math.inf)], "prm_vote") == 0
+    # With a critic that cannot tell answers apart it is the majority vote, unlike `prm`.
+    flat = [_candidate(t, 0.5, a) for t, a in (("p", "2"), ("q", "3"), ("r", "3"))]
+    assert select_best(flat, "prm_vote") == select_best(flat, "majority") == 1
+    assert select_best(flat, "prm") == 0
 
 
 # --------------------------------------------------------------------------------------------- candidates
@@ -211,6 +238,22 @@ def test_majority_vote_strategy_needs_no_critic(policy, processor, image):
     counts = {answer: answers.count(answer) for answer in answers if answer}
     assert answers.count(result.best.answer) == max(counts.values())
     assert result.best_index == answers.index(result.best.answer)
+
+
+def test_prm_vote_strategy_sums_the_critic_scores_per_answer(policy, processor, critic, image):
+    torch.manual_seed(0)
+    first_character = lambda text: text[:1].casefold() or None  # noqa: E731 - a toy extractor with collisions
+    result = best_of_n(
+        policy, processor, critic, image, QUESTION, n=8, max_new_tokens=4, temperature=1.5,
+        strategy="prm_vote", answer_extractor=first_character,
+    )  # fmt: skip
+    totals: dict[str, float] = {}
+    for candidate in result.candidates:
+        assert candidate.answer and candidate.score is not None and 0 < candidate.score < 1
+        totals[candidate.answer] = totals.get(candidate.answer, 0.0) + candidate.score
+    assert len(totals) > 1  # a real vote
+    assert result.best.answer == max(totals, key=totals.get)
+    assert result.best.score == max(c.score for c in result.candidates if c.answer == result.best.answer)
 
 
 def test_several_questions_in_one_call(policy, processor, critic, image):

@@ -4,6 +4,10 @@ Strategies, all through the same call so they can be compared on the same data:
 
 - `prm` (default): VisualPRM step scores, aggregated per answer (mean by default), arg-max.
 - `orm`: the same critic scoring each whole answer as one step (outcome reward).
+- `prm_vote`: weighted Best-of-N ("best-of-N weighted", Snell et al. 2024): the critic scores of the candidates
+  that reach the same final answer are summed, the answer with the largest total wins, and its best-scored
+  candidate is returned. It degrades to the majority vote when the critic cannot tell answers apart, where `prm`
+  degrades to a pick among the distinct answers.
 - `majority`: majority vote over the answers an extractor pulls out of the candidates (no critic needed).
 """
 
@@ -20,7 +24,7 @@ import torch
 from ..chat import build_messages
 from .prm import VisualPRM, as_image_list, check_critic_text
 
-STRATEGIES = ("prm", "orm", "majority")
+STRATEGIES = ("prm", "orm", "prm_vote", "majority")
 
 _ANSWER_TRIGGERS = re.compile(r"(?:final answer|answer|答案)\s*[:：]", re.IGNORECASE)
 
@@ -122,9 +126,10 @@ class BestOfNResult:
 
 
 def select_best(candidates: Sequence[Candidate], strategy: str) -> int:
-    """Index of the chosen candidate: highest critic score (`prm`/`orm`) or the majority answer (`majority`).
+    """Index of the chosen candidate: highest critic score (`prm`/`orm`), best candidate of the answer with the
+    largest summed score (`prm_vote`) or the majority answer (`majority`).
 
-    Ties go to the earlier candidate. Empty candidates are only chosen when every candidate is empty; a majority
+    Ties go to the earlier candidate (for `prm_vote`: to the answer seen first). Empty candidates are only chosen when every candidate is empty; a majority
     vote with no extractable answer falls back to the first non-empty candidate.
     """
     if len(candidates) == 0:
@@ -138,7 +143,27 @@ def select_best(candidates: Sequence[Candidate], strategy: str) -> int:
     scores = [candidate.score for candidate in candidates]
     if any(score is None for score in scores):
         raise ValueError(f"Strategy {strategy!r} needs a critic score on every candidate.")
+    if strategy == "prm_vote":
+        return _weighted_vote(candidates)
     return max(range(len(candidates)), key=lambda index: (scores[index], -index))
+
+
+def _weighted_vote(candidates: Sequence[Candidate]) -> int:
+    """`prm_vote`: sum the scores per normalised answer (a candidate without an answer stands alone), pick the
+    answer with the largest total, return its best-scored candidate. Empty candidates (score -inf) take no part."""
+    keys = {
+        index: normalize_answer(candidate.answer) if candidate.answer else ("no answer", index)
+        for index, candidate in enumerate(candidates)
+        if not candidate.empty
+    }
+    if not keys:
+        return 0
+    totals: dict[object, float] = {}
+    for index, key in keys.items():
+        totals[key] = totals.get(key, 0.0) + candidates[index].score
+    winner = max(totals, key=lambda key: totals[key])  # dicts keep first-seen order: ties go to the earlier answer
+    members = [index for index, key in keys.items() if key == winner]
+    return max(members, key=lambda index: (candidates[index].score, -index))
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -240,8 +265,9 @@ def best_of_n(
             one entry per question.
         question: A question, or a list of questions answered in one batched `generate`.
         n: Candidates per question.
-        strategy: `prm` (step scores, aggregated by the critic's `aggregation`), `orm` (whole-answer score) or
-            `majority` (majority vote over `answer_extractor`).
+        strategy: `prm` (step scores, aggregated by the critic's `aggregation`), `orm` (whole-answer score),
+            `prm_vote` (`prm` scores summed per extracted answer: weighted Best-of-N) or `majority` (majority vote
+            over `answer_extractor`).
         answer_extractor: Pulls the final answer out of a candidate (stored on every candidate; votes use it).
         system: System message for the policy (the template default when `None`).
         max_new_tokens, do_sample, **generate_kwargs: Passed to `generate` (`temperature`, `top_p`, ...).

@@ -258,20 +258,21 @@ def _training_arguments(output_dir: Path, steps: int, learning_rate: float, batc
     )
 
 
-VISION_LR_SCALE = 0.03  # the ViT and projector learn this much slower than the LLM (see `optimizer`)
+VISION_LR_SCALE = 0.03  # the ViT learns this much slower than the LLM and the projector (see `optimizer`)
 
 
 def optimizer(model, learning_rate: float, vision_lr_scale: float = VISION_LR_SCALE) -> torch.optim.Optimizer:
-    """AdamW with the vision tower and projector at `vision_lr_scale` × the LLM's learning rate.
+    """AdamW with the vision tower at `vision_lr_scale` × the learning rate of the LLM and the projector.
 
-    At one shared rate, Adam moves the randomly initialised ViT and projector so fast that the image features
-    drift from step to step and the LLM never learns to read them (the loss stalls at chance on every visual
-    question); a slower vision side is what the stage-1 "MLP warm-up" of LLaVA-style recipes achieves.
+    At one shared rate, Adam moves the randomly initialised ViT so fast that the image features drift from step to
+    step and the LLM never learns to read them (the loss stalls at chance on every visual question). A slow ViT
+    under a fast projector is what the stage-1 "MLP warm-up" of LLaVA-style recipes does (there the ViT is
+    frozen); slowing the projector too costs colour and count accuracy.
     """
     vision, language = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (vision if "vision_tower" in name or "multi_modal_projector" in name else language).append(parameter)
+            (vision if "vision_tower" in name else language).append(parameter)
     groups = [{"params": language, "lr": learning_rate}, {"params": vision, "lr": learning_rate * vision_lr_scale}]
     return torch.optim.AdamW([group for group in groups if group["params"]], lr=learning_rate, weight_decay=0.0)
 
