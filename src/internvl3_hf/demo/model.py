@@ -8,9 +8,7 @@ the demo's own vocabulary and on the VisualPRM system prompt so that sequences s
 
 from __future__ import annotations
 
-
 import torch
-
 from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
 
 from ..best_of_n.prm import PRM_SYSTEM_PROMPT

@@ -25,8 +25,8 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from ..best_of_n import VisualPRM, best_of_n, critic_messages, generate_candidates, majority_vote
-from ..data import SFTCollator, SFTDataset, Sample, SupervisedEncoder
+from ..best_of_n import VisualPRM, best_of_n, critic_messages, generate_candidates, select_best
+from ..data import Sample, SFTCollator, SFTDataset, SupervisedEncoder
 from ..processing import processor_for_config
 from ..sft import InternVL3Trainer
 from . import tasks
@@ -58,7 +58,6 @@ class RecipeSize:
     prm_steps: int
     eval_per_kind: int  # held-out questions per visual kind
     eval_text: int
-    bon_per_kind: int  # held-out questions per kind (text included) scored by Best-of-N
     bon_n: int
     packed_tokens: int = 512  # tokens per packed row (pre-training, SFT): fewer means more optimizer steps
     mpo_learning_rate: float = 5e-5
@@ -68,14 +67,14 @@ class RecipeSize:
 
 SIZES = {
     "default": RecipeSize(
-        pretrain_scenes=6000, pretrain_text=2000, pretrain_steps=600, sft_samples=3000, sft_steps=250,
+        pretrain_scenes=6000, pretrain_text=2000, pretrain_steps=600, sft_samples=3000, sft_steps=400,
         mpo_questions=300, mpo_samples=6, mpo_steps=60, prm_samples=3000, prm_steps=400,
-        eval_per_kind=60, eval_text=60, bon_per_kind=24, bon_n=6,
+        eval_per_kind=60, eval_text=60, bon_n=8,
     ),
     "fast": RecipeSize(
-        pretrain_scenes=3200, pretrain_text=600, pretrain_steps=500, sft_samples=900, sft_steps=120,
+        pretrain_scenes=3200, pretrain_text=600, pretrain_steps=600, sft_samples=900, sft_steps=250,
         mpo_questions=80, mpo_samples=4, mpo_steps=10, prm_samples=400, prm_steps=60,
-        eval_per_kind=24, eval_text=24, bon_per_kind=8, bon_n=4, packed_tokens=256,
+        eval_per_kind=24, eval_text=24, bon_n=4, packed_tokens=256, hidden_size=96, layers=3,
     ),
 }
 
@@ -466,7 +465,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
                               "4/4 critic (VisualPRM)")
     prm = VisualPRM(critic.eval(), processor, batch_size=16)
     bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
-    result = StageResult("Best-of-N", bon["visual"], bon["text"], time.perf_counter() - began, critic_losses)
+    result = StageResult("Best-of-N", *bon[BON_SELECTIONS[0]], time.perf_counter() - began, critic_losses)
     stages.append(result)
     report = RecipeReport(stages, chance, majority, 0.0, output_dir, extra={"bon": bon, "mpo_pairs": stats})
     _log(f"Best-of-{size.bon_n}: held-out visual {result.visual_correct}/{result.visual_total} = "
@@ -481,35 +480,35 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     return report
 
 
+BON_SELECTIONS = ("prm_vote", "prm", "majority")  # the stage's strategy first; the others on the same candidates
+
+
 def _best_of_n_stage(model, processor, critic: VisualPRM, visual: Sequence[Question], text: Sequence[Question],
-                     size: RecipeSize, seed: int) -> dict:
-    """Best-of-N on a per-kind subset of the held-out questions; greedy MPO answers on the same subset for
-    comparison, and the majority vote over the same candidates."""
-    subset = [q for kind in tasks.KINDS for q in [q for q in visual if q.kind == kind][: size.bon_per_kind]]
-    subset += list(text[: size.bon_per_kind])
+                     size: RecipeSize, seed: int) -> dict[str, tuple[dict[str, list[bool]], list[bool]]]:
+    """Best-of-N on every held-out question with the weighted vote (`prm_vote`); the plain PRM arg-max and the
+    majority vote pick from the same candidates, so the three selections differ only in how they choose."""
+    questions = list(visual) + list(text)
     torch.manual_seed(seed)
-    chosen, voted = [], []
-    for kind, indices in tqdm(list(_groups(subset, 8)), desc="4/4 Best-of-N", unit="batch", dynamic_ncols=True):
+    correct: dict[str, list[bool | None]] = {name: [None] * len(questions) for name in BON_SELECTIONS}
+    batches = list(_groups(questions, 8))
+    for kind, indices in tqdm(batches, desc="4/4 Best-of-N", unit="batch", dynamic_ncols=True):
         results = best_of_n(
-            model, processor, critic, [_images(subset[i]) for i in indices], [subset[i].question for i in indices],
-            n=size.bon_n, strategy="prm", answer_extractor=tasks.final_answer,
+            model, processor, critic, [_images(questions[i]) for i in indices], [questions[i].question for i in indices],
+            n=size.bon_n, strategy=BON_SELECTIONS[0], answer_extractor=tasks.final_answer,
             max_new_tokens=MAX_NEW_TOKENS.get(kind, SHORT_ANSWER_TOKENS), temperature=BON_TEMPERATURE,
             pad_token_id=processor.tokenizer.pad_token_id,
         )  # fmt: skip
         for index, result in zip(indices, results):
-            chosen.append((index, tasks.is_correct(subset[index], result.best.text)))
-            vote = majority_vote([candidate.answer for candidate in result.candidates])
-            voted.append((index, vote is not None and tasks.is_correct(subset[index], result.candidates[vote].text)))
-    chosen.sort()
-    voted.sort()
-    by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
-    vote_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
-    text_ok, vote_text = [], []
-    for (index, ok), (_, vote_ok) in zip(chosen, voted):
-        kind = subset[index].kind
-        (text_ok if kind == "text" else by_kind[kind]).append(ok)
-        (vote_text if kind == "text" else vote_kind[kind]).append(vote_ok)
-    return {"visual": by_kind, "text": text_ok, "vote_visual": vote_kind, "vote_text": vote_text, "subset": subset}
+            for name in BON_SELECTIONS:
+                chosen = result.candidates[select_best(result.candidates, name)]
+                correct[name][index] = tasks.is_correct(questions[index], chosen.text)
+    selections = {}
+    for name, values in correct.items():
+        by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
+        for question, ok in zip(visual, values):
+            by_kind[question.kind].append(ok)
+        selections[name] = (by_kind, values[len(visual) :])
+    return selections
 
 
 def _majority_baseline(questions: Sequence[Question]) -> float:

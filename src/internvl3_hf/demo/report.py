@@ -18,36 +18,19 @@ LIGHT = (225, 225, 225)
 
 
 # --------------------------------------------------------------------------------------------------- table
+BON_COMPARISONS = (("prm", "(same candidates: PRM arg-max)"), ("majority", "(same candidates: majority vote)"))
+
+
 def format_table(report) -> str:
-    """A Markdown table: held-out accuracy after each stage (visual, per kind, text), with counts."""
-    kinds = list(tasks.KINDS)
-    header = ["stage", "visual QA (held-out)", *kinds, "text-only", "stage time"]
+    """A Markdown table: held-out accuracy after each stage (visual, per kind, text), with counts; below the
+    Best-of-N stage, the other selections from the same candidates."""
+    header = ["stage", "visual QA (held-out)", *tasks.KINDS, "text-only", "stage time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-
-    def fraction(correct: int, total: int) -> str:
-        return f"{correct}/{total}" if total else "-"
-
     for stage in report.stages:
-        cells = [stage.name, f"{stage.visual_accuracy:.1%} ({stage.visual_correct}/{stage.visual_total})"]
-        cells += [fraction(*stage.kind_accuracy(kind)) for kind in kinds]
-        cells += [f"{stage.text_accuracy:.1%} ({sum(stage.text)}/{len(stage.text)})", f"{stage.seconds:.0f} s"]
-        lines.append("| " + " | ".join(cells) + " |")
-    bon = report.extra.get("bon")
-    if bon:
-        vote = bon["vote_visual"]
-        correct, total = sum(sum(v) for v in vote.values()), sum(len(v) for v in vote.values())
-        cells = ["(majority vote, same candidates)", f"{correct / max(1, total):.1%} ({correct}/{total})"]
-        cells += [fraction(sum(vote[kind]), len(vote[kind])) for kind in kinds]
-        cells += [f"{sum(bon['vote_text']) / max(1, len(bon['vote_text'])):.1%} ({sum(bon['vote_text'])}/{len(bon['vote_text'])})", ""]
-        lines.append("| " + " | ".join(cells) + " |")
-        mpo = report.stage("MPO") if any(s.name == "MPO" for s in report.stages) else None
-        if mpo is not None:
-            subset = bon["subset"]
-            indexed = _same_subset(mpo, subset)
-            if indexed is not None:
-                correct, total = indexed
-                lines.append(f"| (MPO greedy on the Best-of-N subset) | {correct / max(1, total):.1%} ({correct}/{total}) |"
-                             + " |" * (len(header) - 2))
+        lines.append(_row(stage.name, stage.visual, stage.text, f"{stage.seconds:.0f} s"))
+    for name, label in BON_COMPARISONS:
+        if name in report.extra.get("bon", {}):
+            lines.append(_row(label, *report.extra["bon"][name], ""))
     footer = (
         f"\nchance (uniform guess per kind) {report.chance:.1%}, majority answer per kind {report.majority_baseline:.1%}; "
         f"total wall time {report.seconds:.0f} s"
@@ -55,17 +38,12 @@ def format_table(report) -> str:
     return "\n".join(lines) + footer
 
 
-def _same_subset(stage, subset) -> tuple[int, int] | None:
-    """The stage's greedy correctness on the questions of the Best-of-N subset (first k of each kind)."""
-    correct = total = 0
-    for kind in (*tasks.KINDS, "text"):
-        k = sum(1 for q in subset if q.kind == kind)
-        values = stage.text if kind == "text" else stage.visual.get(kind, [])
-        if len(values) < k:
-            return None
-        correct += sum(values[:k]) if kind != "text" else 0
-        total += k if kind != "text" else 0
-    return correct, total
+def _row(label: str, visual: dict[str, list[bool]], text: list[bool], last: str) -> str:
+    correct, total = sum(sum(v) for v in visual.values()), sum(len(v) for v in visual.values())
+    cells = [label, f"{correct / max(1, total):.1%} ({correct}/{total})"]
+    cells += [f"{sum(visual[kind])}/{len(visual[kind])}" if visual.get(kind) else "-" for kind in tasks.KINDS]
+    cells += [f"{sum(text) / max(1, len(text)):.1%} ({sum(text)}/{len(text)})", last]
+    return "| " + " | ".join(cells) + " |"
 
 
 # --------------------------------------------------------------------------------------------------- PNG
