@@ -464,10 +464,14 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     critic_losses = train_sft(critic, processor, samples, output_dir / "prm", size.prm_steps, 1e-3, seed,
                               "4/4 critic (VisualPRM)")
     prm = VisualPRM(critic.eval(), processor, batch_size=16)
+    auc = critic_step_auc(prm, size, seed * 1000 + 6)
+    _log("critic: AUC of P(+) between right and wrong held-out steps: "
+         + ", ".join(f"{group} {value:.2f}" for group, value in auc.items()) + " (0.5 = cannot tell them apart)")
     bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
     result = StageResult("Best-of-N", *bon[BON_SELECTIONS[0]], time.perf_counter() - began, critic_losses)
     stages.append(result)
-    report = RecipeReport(stages, chance, majority, 0.0, output_dir, extra={"bon": bon, "mpo_pairs": stats})
+    report = RecipeReport(stages, chance, majority, 0.0, output_dir,
+                          extra={"bon": bon, "mpo_pairs": stats, "critic_auc": auc})
     _log(f"Best-of-{size.bon_n}: held-out visual {result.visual_correct}/{result.visual_total} = "
          f"{result.visual_accuracy:.1%}, text {sum(result.text)}/{len(result.text)} ({result.seconds:.0f} s)")
 
@@ -478,6 +482,32 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
         report.png = write_png(report, output_dir / "recipe.png")
     print(format_table(report))
     return report
+
+
+CRITIC_GROUPS = {"one-step visual": tasks.SINGLE_OBJECT_KINDS + ("count",), "sum steps": ("sum",), "text steps": ("text",)}
+
+
+def critic_step_auc(critic: VisualPRM, size: RecipeSize, seed: int) -> dict[str, float]:
+    """How well the critic ranks right steps above wrong ones on held-out generator solutions (with injected
+    errors, labelled like its training data): the AUC of its step scores, per group of question kinds."""
+    rng = random.Random(seed)
+    questions = tasks.visual_questions(size.eval_per_kind * len(tasks.KINDS), seed)
+    questions += tasks.text_questions(size.eval_text, seed + 1)
+    solutions = [tasks.prm_example(question, rng) for question in questions]
+    scores = critic.score_many(
+        [q.question for q in questions], [[tasks.STEP_SEPARATOR.join(steps)] for steps, _ in solutions],
+        [_images(q) or [] for q in questions],
+    )  # fmt: skip
+    auc = {}
+    for group, kinds in CRITIC_GROUPS.items():
+        right, wrong = [], []
+        for question, (_, labels), (score,) in zip(questions, solutions, scores):
+            if question.kind in kinds:
+                for label, value in zip(labels, score.step_scores):
+                    (right if label == "+" else wrong).append(value)
+        pairs = [(r > w) + 0.5 * (r == w) for r in right for w in wrong]
+        auc[group] = sum(pairs) / max(1, len(pairs))
+    return auc
 
 
 BON_SELECTIONS = ("prm_vote", "prm", "majority")  # the stage's strategy first; the others on the same candidates

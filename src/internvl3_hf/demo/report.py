@@ -35,6 +35,10 @@ def format_table(report) -> str:
         f"\nchance (uniform guess per kind) {report.chance:.1%}, majority answer per kind {report.majority_baseline:.1%}; "
         f"total wall time {report.seconds:.0f} s"
     )
+    if "critic_auc" in report.extra:
+        footer += "\ncritic step AUC (right vs wrong held-out steps; 0.5 = blind): " + ", ".join(
+            f"{group} {value:.2f}" for group, value in report.extra["critic_auc"].items()
+        )
     return "\n".join(lines) + footer
 
 
