@@ -333,11 +333,15 @@ def evaluate(model, processor, visual: Sequence[Question], text: Sequence[Questi
     """Greedy answers to the held-out questions: correctness per visual kind, and for the text questions."""
     questions = list(visual) + list(text)
     answers = sample_answers(model, processor, questions, 1, description, batch_size=64, do_sample=False)
-    correct = [tasks.is_correct(question, group[0]) for question, group in zip(questions, answers)]
+    return split_by_kind(visual, [tasks.is_correct(question, group[0]) for question, group in zip(questions, answers)])
+
+
+def split_by_kind(visual: Sequence[Question], correct: Sequence[bool]) -> tuple[dict[str, list[bool]], list[bool]]:
+    """Correctness of `visual` + text questions (in that order) as ({visual kind: [...]}, [text...])."""
     by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
     for question, ok in zip(visual, correct):
         by_kind[question.kind].append(ok)
-    return by_kind, correct[len(visual) :]
+    return by_kind, list(correct[len(visual) :])
 
 
 def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
@@ -532,13 +536,7 @@ def _best_of_n_stage(model, processor, critic: VisualPRM, visual: Sequence[Quest
             for name in BON_SELECTIONS:
                 chosen = result.candidates[select_best(result.candidates, name)]
                 correct[name][index] = tasks.is_correct(questions[index], chosen.text)
-    selections = {}
-    for name, values in correct.items():
-        by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
-        for question, ok in zip(visual, values):
-            by_kind[question.kind].append(ok)
-        selections[name] = (by_kind, values[len(visual) :])
-    return selections
+    return {name: split_by_kind(visual, values) for name, values in correct.items()}
 
 
 def _majority_baseline(questions: Sequence[Question]) -> float:
