@@ -118,10 +118,9 @@ def _accuracy_panel(draw: ImageDraw.ImageDraw, box, report, font, small) -> None
         y = plot[3] - tick * (plot[3] - plot[1])
         draw.line((plot[0], y, plot[2], y), fill=LIGHT)
         draw.text((left, y - 7), f"{tick:.0%}", fill=GREY, font=small)
-    y = plot[3] - report.chance * (plot[3] - plot[1])
+    chance_y = plot[3] - report.chance * (plot[3] - plot[1])
     for x in range(int(plot[0]), int(plot[2]), 12):
-        draw.line((x, y, x + 6, y), fill=(0, 0, 0), width=1)
-    draw.text((plot[2] - 150, y - 16), f"chance {report.chance:.0%}", fill=(0, 0, 0), font=small)
+        draw.line((x, chance_y, x + 6, chance_y), fill=(0, 0, 0), width=1)
     slot = (plot[2] - plot[0]) / max(1, len(report.stages))
     for index, stage in enumerate(report.stages):
         colour = STAGE_COLOURS.get(stage.name, GREY)
@@ -135,6 +134,7 @@ def _accuracy_panel(draw: ImageDraw.ImageDraw, box, report, font, small) -> None
             draw.text((x0 + offset, y - 16), f"{value:.0%}", fill=(0, 0, 0), font=small)
             draw.text((x0 + offset, plot[3] + 4), label, fill=GREY, font=small)
         draw.text((x0, plot[3] + 20), stage.name, fill=(0, 0, 0), font=font)
+    draw.text((plot[2] - 90, chance_y - 16), f"chance {report.chance:.0%}", fill=(0, 0, 0), font=small)  # over the bars
 
 
 def write_png(report, path: str | Path, width: int = 1200, height: int = 820) -> Path:
