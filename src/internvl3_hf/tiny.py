@@ -59,28 +59,38 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def tiny_config(tokenizer: Qwen2Tokenizer | None = None, *, image_size: int = 28, **overrides) -> InternVL3Config:
+def tiny_config(
+    tokenizer: Qwen2Tokenizer | None = None,
+    *,
+    image_size: int = 28,
+    patch_size: int = 7,
+    vision_hidden_size: int = 32,
+    hidden_size: int = 48,
+    intermediate_size: int = 96,
+    layers: int = 2,
+    **overrides,
+) -> InternVL3Config:
     """A few-hundred-thousand-parameter InternVL3 config whose token ids match `tokenizer`.
 
-    `image_size=28` with patch 7 gives a 4×4 ViT grid → 4 image tokens per tile (`image_seq_length`).
+    `image_size=28` with patch 7 gives a 4×4 ViT grid → 4 image tokens per tile (`image_seq_length`). The sizes
+    (ViT width, Qwen2 width / MLP width / depth) scale it up for the demo; `overrides` go to `InternVL3Config`.
     """
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    patch = 7
     vision = InternVLVisionConfig(
-        hidden_size=32,
+        hidden_size=vision_hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=2 * vision_hidden_size,
         attention_bias=True,
         image_size=image_size,
-        patch_size=patch,
+        patch_size=patch_size,
         layer_scale_init_value=0.1,
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -95,7 +105,7 @@ def tiny_config(tokenizer: Qwen2Tokenizer | None = None, *, image_size: int = 28
         vision_config=vision,
         text_config=text,
         force_image_size=image_size,
-        image_seq_length=(image_size // patch) ** 2 // 4,
+        image_seq_length=(image_size // patch_size) ** 2 // 4,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         **ids,
     )

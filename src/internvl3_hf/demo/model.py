@@ -9,12 +9,12 @@ the demo's own vocabulary and on the VisualPRM system prompt so that sequences s
 from __future__ import annotations
 
 import torch
-from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
+from transformers import Qwen2Tokenizer
 
 from ..best_of_n.prm import PRM_SYSTEM_PROMPT
 from ..modeling.configuration_internvl3 import InternVL3Config
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from ..tiny import train_bpe_tokenizer
+from ..tiny import tiny_config, train_bpe_tokenizer
 from .tasks import tokenizer_corpus
 
 IMAGE_SIZE = 56
@@ -28,57 +28,28 @@ def build_demo_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
 
 
 def demo_config(tokenizer: Qwen2Tokenizer, *, hidden_size: int = 128, layers: int = 4, **overrides) -> InternVL3Config:
-    """The demo model's config: one 56-px tile per image (no dynamic tiling), V2PE with random δ in training."""
-    vision = InternVLVisionConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        attention_bias=True,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        layer_scale_init_value=0.1,
-    )
-    special = tokenizer.convert_tokens_to_ids
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=3 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        bos_token_id=special("<|endoftext|>"),
-        eos_token_id=special("<|endoftext|>"),
-        pad_token_id=special("<|endoftext|>"),
-        tie_word_embeddings=False,
-    )
+    """The demo model's config: `tiny_config` at demo size (56-px images, a 64-d ViT, a `hidden_size` × `layers`
+    Qwen2), one tile per image (no dynamic tiling), V2PE with random δ in training."""
     settings = dict(
-        vision_config=vision,
-        text_config=text,
-        force_image_size=IMAGE_SIZE,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2 // 4,
         min_dynamic_patch=1,
         max_dynamic_patch=1,
         use_thumbnail=False,
         dynamic_image_size=False,
         system_message=SYSTEM_MESSAGE,
         v2pe_mode="random",
-        eos_token_id=special("<|im_end|>"),
-        image_token_id=special("<IMG_CONTEXT>"),
-        image_start_token_id=special("<img>"),
-        image_end_token_id=special("</img>"),
     )
     settings.update(overrides)
-    return InternVL3Config(**settings)
+    return tiny_config(
+        tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_hidden_size=64, hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size, layers=layers, **settings,
+    )  # fmt: skip
 
 
 def build_demo_model(config: InternVL3Config, seed: int = 0) -> InternVL3ForConditionalGeneration:
     """The demo model with its random initialisation, plus random ViT position embeddings.
 
     transformers initialises InternViT's learned position embeddings to zeros (a released checkpoint overwrites
-    them); from scratch, zeros would leave the 9 image tokens without any notion of where they are, which V2PE's
+    them); from scratch, zeros would leave the 4 image tokens without any notion of where they are, which V2PE's
     small δ (all image tokens at almost the same rotary position) does not supply either.
     """
     torch.manual_seed(seed)
