@@ -14,6 +14,7 @@ import os
 import random
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -541,8 +542,6 @@ def _best_of_n_stage(model, processor, critic: VisualPRM, visual: Sequence[Quest
 
 def _majority_baseline(questions: Sequence[Question]) -> float:
     """Accuracy of always giving each kind's most common held-out answer."""
-    from collections import Counter
-
     total = 0
     for kind in tasks.KINDS:
         answers = Counter(q.answer for q in questions if q.kind == kind)
