@@ -9,6 +9,7 @@ print(result.best.text, result.best.step_scores)
 ```
 """
 
+from .implicit_prm import ImplicitPRM
 from .prm import (
     PRM_SYSTEM_PROMPT,
     CriticScore,
@@ -32,6 +33,7 @@ __all__ = [
     "BestOfNResult",
     "Candidate",
     "CriticScore",
+    "ImplicitPRM",
     "PRM_SYSTEM_PROMPT",
     "VisualPRM",
     "aggregate_step_scores",
