@@ -187,6 +187,25 @@ def test_peft_lora_uses_the_adapter_disabled_base_as_reference(tmp_path):
     assert trainer.reward_shift.steps == 2
 
 
+def test_a_copy_of_the_trained_model_trains_its_own_weights(tmp_path):
+    """TRL leaves a fused-forward patch on the model; a deep copy of the trained model (a critic, the reference of
+    a next round) must still run its own weights, through the plain forward and through a second trainer."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    trained = trainer.model
+    copied = copy.deepcopy(trained)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids = batch["input_ids"][:1]
+    copied(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in trained.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in copied.parameters())
+    copied.zero_grad(set_to_none=True)
+    before = {name: p.detach().clone() for name, p in trained.named_parameters()}
+    make_trainer(tmp_path / "again", model=copied, max_steps=1).train()
+    assert all(torch.equal(p, before[name]) for name, p in trained.named_parameters())
+    assert any(not torch.equal(p, before[name]) for name, p in copied.named_parameters())
+
+
 def test_tiny_recipe_learns_the_preference_set(tmp_path):
     """The tiny recipe (synthetic coloured squares) reaches 100 % reward accuracy and its margins grow."""
     trainer = run_mpo(load_recipe(RECIPE, [f"training.output_dir={tmp_path}"]))

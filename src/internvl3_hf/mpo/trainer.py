@@ -29,9 +29,12 @@ collator, a callback):
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,6 +167,33 @@ class SharedImageFeatures:
 
 
 # --------------------------------------------------------------------------------------------------- trainer
+def make_fused_forward_copy_safe(model) -> None:
+    """Re-bind TRL's fused-LM-head `forward` patch so that `copy.deepcopy(model)` trains the copy.
+
+    `DPOTrainer` sets an instance `forward` whose closure holds the model's ORIGINAL bound `forward` for the
+    non-fused path; the patch outlives training, so a deep copy of the trained model (a critic, a reference for a
+    next round) silently ran, and trained, the original's weights. Here the non-fused path calls the class
+    `forward` on whatever `self` is. Left alone when the captured forward is not the plain class method (e.g.
+    accelerate device-map hooks), which this could not reproduce.
+    """
+    patched = model.__dict__.get("forward")
+    fused = getattr(patched, "__func__", None)
+    if fused is None:
+        return
+    original = inspect.getclosurevars(fused).nonlocals.get("original_forward")
+    plain = type(model).forward
+    if getattr(original, "__func__", None) is not plain or getattr(original, "__self__", None) is not model:
+        return
+
+    @functools.wraps(fused)
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head:
+            return fused(self, *args, fused_lm_head=True, **kwargs)
+        return plain(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
 class MPOTrainer(DPOTrainer):
     """TRL's `DPOTrainer` with the MPO loss (reward shift δ included) for InternVL3.
 
@@ -230,6 +260,9 @@ class MPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        for patched in (self.model.get_base_model() if _is_peft(self.model) else self.model, self.ref_model):
+            if patched is not None:
+                make_fused_forward_copy_safe(patched)
         self.term_weights = args.term_weights
         self.reward_shift = RewardShift(args.reward_shift_update, args.reward_shift_momentum)
         self.add_callback(RewardShiftCallback(self))
