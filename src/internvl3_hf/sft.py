@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import types
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -14,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 # Set on the function of a forward patched here, so that the next trainer on the same model does not patch again.
 _FUSED_MARK = "_internvl3_fused_lm_head"
+_COPY_SAFE = "_internvl3_copy_safe_fused_forward"  # on a re-bound forward: the TRL fused function it calls
 
 
 class InternVL3Trainer(Trainer):
@@ -123,7 +126,37 @@ def add_fused_lm_head_once(model) -> bool:
             del target.__dict__["forward"]
         add_fused_lm_head(target)
         setattr(target.forward.__func__, _FUSED_MARK, True)
+        make_fused_forward_copy_safe(target)
     return True
+
+
+def make_fused_forward_copy_safe(model) -> None:
+    """Re-bind TRL's fused-LM-head `forward` patch on `model` so that a deep copy runs, and trains, its own weights.
+
+    TRL's instance `forward` keeps the model's ORIGINAL bound `forward` in its closure for the non-fused path, and
+    the patch outlives training: `copy.deepcopy(trained_model)` (a critic, the reference of a next round) silently
+    ran the original's weights whenever called without `fused_lm_head`. The re-bound forward calls the class
+    `forward` on whatever `self` is. Left alone when the captured forward is neither the plain class method nor an
+    already re-bound one (e.g. accelerate device-map hooks), which this could not reproduce.
+    """
+    fused = getattr(model.__dict__.get("forward"), "__func__", None)
+    if fused is None or fused.__code__.co_name != "_fused_forward":
+        return
+    original = inspect.getclosurevars(fused).nonlocals.get("original_forward")
+    plain = type(model).forward
+    if getattr(original, "__self__", None) is not model:
+        return
+    if original.__func__ is not plain and not hasattr(original.__func__, _COPY_SAFE):
+        return
+
+    @functools.wraps(fused)
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head:
+            return fused(self, *args, fused_lm_head=True, **kwargs)
+        return plain(self, *args, **kwargs)
+
+    setattr(forward, _COPY_SAFE, fused)
+    model.forward = types.MethodType(forward, model)
 
 
 def has_fused_lm_head(model) -> bool:
@@ -138,7 +171,12 @@ def has_fused_lm_head(model) -> bool:
 
 def _fused_forward_closure(model) -> dict | None:
     """The closure variables of TRL's patched instance `forward` (plus our mark), or None when not patched."""
-    function = getattr(model.__dict__.get("forward"), "__func__", None)
+    bound = model.__dict__.get("forward")
+    function = getattr(bound, "__func__", None)
+    if function is not None and hasattr(function, _COPY_SAFE):  # re-bound: the non-fused path runs `self`
+        fused = getattr(function, _COPY_SAFE)
+        closure = {**inspect.getclosurevars(fused).nonlocals, "original_forward": bound}
+        return {**closure, _FUSED_MARK: getattr(fused, _FUSED_MARK, False)}
     if function is None or function.__code__.co_name != "_fused_forward":
         return None
     return {**inspect.getclosurevars(function).nonlocals, _FUSED_MARK: getattr(function, _FUSED_MARK, False)}

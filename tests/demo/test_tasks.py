@@ -91,3 +91,31 @@ def test_rollouts_are_labelled_plus_until_the_first_step_that_leaves_the_referen
     colour = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "colour")
     assert tasks.label_response(colour, colour.answer + ".") == ([colour.answer + "."], ["+"])
     assert tasks.label_response(colour, "purple")[1] == ["-"]
+
+
+def test_critic_pairs_put_a_sound_solution_against_a_flawed_one():
+    from internvl3_hf.demo.recipe import critic_pairs
+
+    rollout_question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    steps = rollout_question.solution.split(tasks.STEP_SEPARATOR)
+    wrong_final = tasks.STEP_SEPARATOR.join([*steps[:3], "Answer: 11"])
+    rollouts = [(rollout_question, [wrong_final, rollout_question.solution, ""])]  # "" (empty answer) is skipped
+    pairs = critic_pairs(60, seed=9, rollouts=rollouts)
+    assert len(pairs) == 61
+    assert [(p.chosen, p.rejected) for p in pairs] == [(p.chosen, p.rejected) for p in critic_pairs(60, 9, rollouts)]
+    by_origin = {pair.origin: pair for pair in pairs}
+    rollout = by_origin["critic_rollout[0]"]
+    assert (rollout.chosen, rollout.rejected) == (rollout_question.solution, wrong_final)
+    for pair in pairs:
+        assert pair.chosen != pair.rejected
+        assert len(pair.images) == ("<image>" in pair.prompt[0]["content"])
+    generated = [pair for pair in pairs if pair.origin.startswith("critic[")]
+    assert 0 < sum(bool(pair.images) for pair in generated) < len(generated)  # visual and text-only questions
+
+
+def test_flawed_examples_always_hold_a_wrong_step():
+    rng = random.Random(3)
+    for question in tasks.visual_questions(30, seed=8) + tasks.text_questions(10, seed=8):
+        steps, labels = tasks.flawed_example(question, rng)
+        assert len(steps) == len(labels) and labels[-1] == "-"
+        assert not tasks.is_correct(question, tasks.STEP_SEPARATOR.join(steps))

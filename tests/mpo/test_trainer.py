@@ -19,6 +19,7 @@ from internvl3_hf.mpo import REWARD_SHIFT_FILE, MPOConfig, MPOTrainer, RewardShi
 from internvl3_hf.mpo.cli import lora_config, run_mpo  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
 from internvl3_hf.train import build_model_and_processor, load_recipe  # noqa: E402
+from internvl3_hf.sft import add_fused_lm_head_once  # noqa: E402
 
 RECIPE = "recipes/tiny_cpu_mpo.yaml"
 BETA = 0.5
@@ -187,10 +188,15 @@ def test_peft_lora_uses_the_adapter_disabled_base_as_reference(tmp_path):
     assert trainer.reward_shift.steps == 2
 
 
-def test_a_copy_of_the_trained_model_trains_its_own_weights(tmp_path):
+@pytest.mark.parametrize("after_sft", [False, True])
+def test_a_copy_of_the_trained_model_trains_its_own_weights(tmp_path, after_sft):
     """TRL leaves a fused-forward patch on the model; a deep copy of the trained model (a critic, the reference of
-    a next round) must still run its own weights, through the plain forward and through a second trainer."""
-    trainer = make_trainer(tmp_path, max_steps=1)
+    a next round) must still run its own weights, through the plain forward and through a second trainer; also
+    when the SFT trainer patched the model first (the patches then chain)."""
+    model, _ = build_model_and_processor({"name_or_path": "tiny"})
+    if after_sft:
+        assert add_fused_lm_head_once(model)
+    trainer = make_trainer(tmp_path, model=model, max_steps=1)
     trainer.train()
     trained = trainer.model
     copied = copy.deepcopy(trained)

@@ -1,7 +1,8 @@
 """The demo's tiny InternVL3 and its tokenizer, built locally and deterministically (no downloads).
 
 The tokenizer is a real Qwen2 byte-level BPE with InternVL3's special tokens (as `internvl3_hf.tiny`), trained on
-the demo's own vocabulary and on the VisualPRM system prompt so that sequences stay short. The model is InternViT
+the demo's own vocabulary and on the VisualPRM system prompt (so that a VisualPRM critic conversation on the demo
+model stays short too; the demo's own critic is an `ImplicitPRM`). The model is InternViT
 (56-px images, 14-px patches: a 4×4 grid that pixel unshuffle turns into 4 image tokens, one per cell of the scene's
 2×2 grid) + the MLP projector + a Qwen2 decoder (128-d, 4 layers): about 1.1 million parameters.
 """

@@ -1,7 +1,7 @@
 """The whole InternVL3 recipe on a laptop: native pre-training → SFT → MPO → Best-of-N, on synthetic visual QA.
 
-Every stage goes through the plugin's public APIs: `SFTDataset`/`SFTCollator`/`InternVL3Trainer` (pre-training,
-SFT and the critic), `MPOTrainer`/`MPOConfig` (MPO), `generate_candidates` (sampling), `VisualPRM` and
+Every stage goes through the plugin's public APIs: `SFTDataset`/`SFTCollator`/`InternVL3Trainer` (pre-training
+and SFT), `MPOTrainer`/`MPOConfig` (MPO and the critic), `generate_candidates` (sampling), `ImplicitPRM` and
 `best_of_n` (Best-of-N). After each stage the policy answers the same held-out questions greedily; the table and
 the PNG show how each stage moves the accuracy.
 """
@@ -26,7 +26,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from ..best_of_n import VisualPRM, best_of_n, critic_messages, generate_candidates, select_best
+from ..best_of_n import ImplicitPRM, best_of_n, generate_candidates, select_best
 from ..data import Sample, SFTCollator, SFTDataset, SupervisedEncoder
 from ..processing import processor_for_config
 from ..sft import InternVL3Trainer
@@ -55,26 +55,28 @@ class RecipeSize:
     mpo_questions: int
     mpo_samples: int  # N answers sampled per question to build the pairs
     mpo_steps: int
-    prm_samples: int
-    prm_steps: int
+    critic_pairs: int  # generator questions with a flawed solution (plus the policy's own sound/unsound pairs)
+    critic_steps: int
     eval_per_kind: int  # held-out questions per visual kind
     eval_text: int
     bon_n: int
     packed_tokens: int = 512  # tokens per packed row (pre-training, SFT): fewer means more optimizer steps
-    mpo_learning_rate: float = 5e-5
+    mpo_learning_rate: float = 1e-4
+    mpo_pairs_per_question: int = 3
+    critic_learning_rate: float = 2e-4
     hidden_size: int = 128
     layers: int = 4
 
 
 SIZES = {
     "default": RecipeSize(
-        pretrain_scenes=6000, pretrain_text=2000, pretrain_steps=600, sft_samples=3000, sft_steps=400,
-        mpo_questions=300, mpo_samples=6, mpo_steps=60, prm_samples=3000, prm_steps=400,
+        pretrain_scenes=10000, pretrain_text=2000, pretrain_steps=1200, sft_samples=3000, sft_steps=400,
+        mpo_questions=300, mpo_samples=8, mpo_steps=60, critic_pairs=3000, critic_steps=150,
         eval_per_kind=60, eval_text=60, bon_n=8,
     ),
     "fast": RecipeSize(
         pretrain_scenes=3200, pretrain_text=600, pretrain_steps=600, sft_samples=900, sft_steps=250,
-        mpo_questions=80, mpo_samples=4, mpo_steps=10, prm_samples=400, prm_steps=60,
+        mpo_questions=80, mpo_samples=4, mpo_steps=10, critic_pairs=400, critic_steps=30,
         eval_per_kind=24, eval_text=24, bon_n=4, packed_tokens=256, hidden_size=96, layers=3,
     ),
 }
@@ -178,27 +180,29 @@ def sft_samples(count: int, seed: int) -> list[Sample]:
     return [question_sample(question, origin=f"sft[{index}]") for index, question in enumerate(questions)]
 
 
-def prm_samples(count: int, seed: int, rollouts: Sequence[tuple[Question, str]] = ()) -> list[Sample]:
-    """VisualPRM training conversations (the official format: PRM system prompt, `### Question:`/`### Solution
-    Process:`, one user turn per step, each answered `+` or `-`): `count` solutions with injected errors from the
-    generator, plus the policy's own `rollouts` labelled step by step against the reference (`tasks.label_response`),
-    so that the critic also learns the mistakes the policy really makes."""
+def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[str]]] = ()) -> list:
+    """The critic's training pairs, from step labels: for `count` generator questions the reference solution
+    (every step `+`) against a solution with a corrupted step (`-` from there on, `tasks.flawed_example`); and for
+    the policy's own `rollouts` (a question and its sampled answers, labelled step by step against the reference
+    by `tasks.label_response`) each sound answer against an unsound one, so that the critic also sees the
+    mistakes the policy really makes."""
     rng = random.Random(seed)
     visual = tasks.visual_questions(int(count * 0.8), seed, kinds=(*tasks.KINDS, "sum", "sum"))
     questions = visual + tasks.text_questions(count - len(visual), seed + 1)
-    labelled = [(question, *tasks.prm_example(question, rng)) for question in questions]
-    labelled += [(question, *tasks.label_response(question, response)) for question, response in rollouts]
-    samples = []
-    for index, (question, steps, labels) in enumerate(labelled):
-        messages = critic_messages(question.question, steps, num_images=1 if question.has_image else 0)
-        answers = iter(labels)
-        for message in messages:
-            if message["role"] == "assistant":
-                message["content"] = next(answers)
-        images = [question.scene.render()] if question.has_image else []
-        samples.append(Sample(messages=messages, images=images, origin=f"prm[{index}]"))
-    rng.shuffle(samples)
-    return samples
+    pairs = [
+        preference_pair(question, question.solution, tasks.STEP_SEPARATOR.join(tasks.flawed_example(question, rng)[0]),
+                        f"critic[{index}]")
+        for index, question in enumerate(questions)
+    ]  # fmt: skip
+    for index, (question, answers) in enumerate(rollouts):
+        labelled = {answer: tasks.label_response(question, answer)[1] for answer in answers if answer}
+        sound = sorted(answer for answer, labels in labelled.items() if "-" not in labels)
+        unsound = sorted(answer for answer, labels in labelled.items() if "-" in labels)
+        rng.shuffle(sound)
+        rng.shuffle(unsound)
+        pairs += [preference_pair(question, good, bad, f"critic_rollout[{index}]") for good, bad in zip(sound, unsound)]
+    rng.shuffle(pairs)
+    return pairs
 
 
 def held_out_questions(size: RecipeSize, seed: int) -> tuple[list[Question], list[Question]]:
@@ -299,6 +303,27 @@ def train_sft(model, processor, samples: list[Sample], output_dir: Path, steps: 
     return progress.losses
 
 
+MPO_BETA = 0.1
+
+
+def train_mpo(model, processor, pairs: list, output_dir: Path, steps: int, learning_rate: float, seed: int,
+              description: str) -> list[tuple[int, float]]:
+    """`MPOTrainer` with the paper's loss weights (w_p 0.8 DPO, w_q 0.2 BCO, w_g 1 LM on chosen) against a frozen
+    copy of `model` as the reference."""
+    from ..mpo import MPOConfig, MPOTrainer
+
+    args = MPOConfig(**_training_arguments(
+        output_dir, steps, learning_rate, 8, seed, beta=MPO_BETA, w_p=0.8, w_q=0.2, w_g=1.0, max_length=512,
+        bf16=False, gradient_checkpointing=False,
+    ))  # fmt: skip
+    trainer = MPOTrainer(model, args=args, train_dataset=pairs, processing_class=processor)
+    progress = _StageProgress(description)
+    _quiet(trainer, progress)
+    trainer.train()
+    model.eval()
+    return progress.losses
+
+
 # --------------------------------------------------------------------------------------------------- answering
 def _groups(questions: Sequence[Question], batch_size: int):
     """Questions in batches of one kind (similar answer lengths, so `generate` stops early)."""
@@ -345,10 +370,17 @@ def split_by_kind(visual: Sequence[Question], correct: Sequence[bool]) -> tuple[
     return by_kind, list(correct[len(visual) :])
 
 
-def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
-    """Preference pairs from the model's own samples: a correct answer (chosen) against a wrong one (rejected)."""
+def preference_pair(question: Question, chosen: str, rejected: str, origin: str):
+    """An MPO `PreferencePair` for `question` (with its image)."""
     from ..mpo import PreferencePair
 
+    prompt = _image_prompt(question.question) if question.has_image else question.question
+    return PreferencePair(prompt=[{"role": "user", "content": prompt}], chosen=chosen, rejected=rejected,
+                          images=_images(question) or [], origin=origin)
+
+
+def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
+    """Preference pairs from the model's own samples: a correct answer (chosen) against a wrong one (rejected)."""
     rng = random.Random(seed)
     pairs, stats = [], {"questions": len(questions), "all_right": 0, "all_wrong": 0, "mixed": 0}
     for index, (question, group) in enumerate(zip(questions, answers)):
@@ -364,15 +396,7 @@ def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_q
         rng.shuffle(right)
         rng.shuffle(wrong)
         for chosen, rejected in list(zip(right, wrong))[:per_question]:
-            pairs.append(
-                PreferencePair(
-                    prompt=[{"role": "user", "content": _image_prompt(question.question) if question.has_image else question.question}],
-                    chosen=chosen,
-                    rejected=rejected,
-                    images=[question.scene.render()] if question.has_image else [],
-                    origin=f"mpo[{index}]",
-                )
-            )
+            pairs.append(preference_pair(question, chosen, rejected, f"mpo[{index}]"))
     rng.shuffle(pairs)
     return pairs, stats
 
@@ -390,7 +414,6 @@ def run_recipe(output_dir: str | Path = "demo_out", fast: bool = False, seed: in
 
 
 def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) -> RecipeReport:
-    from ..mpo import MPOConfig, MPOTrainer
     from .report import format_table, write_png
 
     start = time.perf_counter()
@@ -444,33 +467,25 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     mpo_questions += tasks.text_questions(size.mpo_questions - len(mpo_questions), seed * 1000 + 4)
     sampled = sample_answers(model, processor, mpo_questions, size.mpo_samples, "3/4 MPO: sample answers",
                              do_sample=True, temperature=1.0)
-    pairs, stats = mpo_pairs(mpo_questions, sampled, 2, seed)
+    pairs, stats = mpo_pairs(mpo_questions, sampled, size.mpo_pairs_per_question, seed)
     _log(f"MPO pairs: {len(pairs)} from {stats['mixed']} questions with right and wrong answers "
          f"({stats['all_right']} all right, {stats['all_wrong']} all wrong, of {stats['questions']})")
-    args = MPOConfig(**_training_arguments(
-        output_dir / "mpo", size.mpo_steps, size.mpo_learning_rate, 8, seed, beta=0.1, w_p=0.8, w_q=0.2, w_g=1.0,
-        max_length=512, bf16=False, gradient_checkpointing=False,
-    ))  # fmt: skip
     model.train()
-    trainer = MPOTrainer(model, args=args, train_dataset=pairs, processing_class=processor)
-    progress = _StageProgress("3/4 MPO")
-    _quiet(trainer, progress)
-    trainer.train()
-    model.eval()
-    finish("MPO", began, progress.losses)
-    del trainer
+    losses = train_mpo(model, processor, pairs, output_dir / "mpo", size.mpo_steps, size.mpo_learning_rate, seed,
+                       "3/4 MPO")
+    finish("MPO", began, losses)
 
-    # 4. Best-of-N with a critic trained as a VisualPRM (SFT on step-label conversations)
+    # 4. Best-of-N with an implicit PRM: a copy of the policy trained by MPO on pairs built from step labels; its
+    #    step scores are the cumulative likelihood ratio to the policy (`ImplicitPRM`)
     began = time.perf_counter()
     critic = copy.deepcopy(model)
-    rollouts = [(question, answer) for question, group in zip(mpo_questions, sampled) for answer in dict.fromkeys(group)]
-    samples = prm_samples(size.prm_samples, seed * 1000 + 5, rollouts)
+    pairs = critic_pairs(size.critic_pairs, seed * 1000 + 5, list(zip(mpo_questions, sampled)))
     critic.train()
-    critic_losses = train_sft(critic, processor, samples, output_dir / "prm", size.prm_steps, 1e-3, seed,
-                              "4/4 critic (VisualPRM)")
-    prm = VisualPRM(critic.eval(), processor, batch_size=16)
+    critic_losses = train_mpo(critic, processor, pairs, output_dir / "critic", size.critic_steps,
+                              size.critic_learning_rate, seed, "4/4 critic (implicit PRM)")
+    prm = ImplicitPRM(critic.eval(), model, processor, beta=MPO_BETA, batch_size=16)
     auc = critic_step_auc(prm, size, seed * 1000 + 6)
-    _log("critic: AUC of P(+) between right and wrong held-out steps: "
+    _log("critic: AUC of the step scores between right and wrong held-out steps: "
          + ", ".join(f"{group} {value:.2f}" for group, value in auc.items()) + " (0.5 = cannot tell them apart)")
     bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
     result = StageResult("Best-of-N", *bon[BON_SELECTIONS[0]], time.perf_counter() - began, critic_losses)
@@ -492,7 +507,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
 CRITIC_GROUPS = {"one-step visual": tasks.SINGLE_OBJECT_KINDS + ("count",), "sum steps": ("sum",), "text steps": ("text",)}
 
 
-def critic_step_auc(critic: VisualPRM, size: RecipeSize, seed: int) -> dict[str, float]:
+def critic_step_auc(critic: ImplicitPRM, size: RecipeSize, seed: int) -> dict[str, float]:
     """How well the critic ranks right steps above wrong ones on held-out generator solutions (with injected
     errors, labelled like its training data): the AUC of its step scores, per group of question kinds."""
     rng = random.Random(seed)
@@ -518,7 +533,7 @@ def critic_step_auc(critic: VisualPRM, size: RecipeSize, seed: int) -> dict[str,
 BON_SELECTIONS = ("prm_vote", "prm", "majority")  # the stage's strategy first; the others on the same candidates
 
 
-def _best_of_n_stage(model, processor, critic: VisualPRM, visual: Sequence[Question], text: Sequence[Question],
+def _best_of_n_stage(model, processor, critic: ImplicitPRM, visual: Sequence[Question], text: Sequence[Question],
                      size: RecipeSize, seed: int) -> dict[str, tuple[dict[str, list[bool]], list[bool]]]:
     """Best-of-N on every held-out question with the weighted vote (`prm_vote`); the plain PRM arg-max and the
     majority vote pick from the same candidates, so the three selections differ only in how they choose."""

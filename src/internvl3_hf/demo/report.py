@@ -145,7 +145,7 @@ def write_png(report, path: str | Path, width: int = 1200, height: int = 820) ->
     font, small, big = _font(15), _font(12), _font(18)
     draw.text((20, 12), f"InternVL3 recipe on a laptop: tiny model, {report.seconds:.0f} s wall time", fill=(0, 0, 0), font=big)
     titles = {"pre-training": "1. pre-training loss (square-weighted)", "SFT": "2. SFT loss", "MPO": "3. MPO loss",
-              "Best-of-N": "4. critic (VisualPRM) training loss"}
+              "Best-of-N": "4. critic (implicit PRM) MPO loss"}
     panel_width = (width - 40) / 4
     for index, stage in enumerate(report.stages[:4]):
         left = 20 + index * panel_width

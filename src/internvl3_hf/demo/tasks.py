@@ -10,8 +10,8 @@ Every question has one checkable answer. Question kinds:
   (the VisualPRM convention), ending with "Answer: N"
 - `text`     text-only arithmetic and counting facts ("What is 3 plus 4?", "What number comes after 7?")
 
-Also: captions ("Describe the image."), for pre-training; and VisualPRM step-label conversations (a solution, some
-steps corrupted, every step labelled `+` until the first error and `-` from there on), for the critic.
+Also: captions ("Describe the image."), for pre-training; and step-labelled solutions (some steps corrupted, every
+step labelled `+` until the first error and `-` from there on, the VisualPRM rule), for the critic.
 
 Everything is deterministic given the seed; the train and held-out splits use disjoint seeds.
 """
@@ -278,6 +278,15 @@ def prm_example(question: Question, rng: random.Random) -> tuple[list[str], list
     if rng.random() < 0.5:
         return [question.solution], ["+"]
     return [wrong_answer(question, rng)], ["-"]
+
+
+def flawed_example(question: Question, rng: random.Random, attempts: int = 20) -> tuple[list[str], list[str]]:
+    """A `prm_example` with at least one `-` step (a wrong solution with its step labels)."""
+    for _ in range(attempts):
+        steps, labels = prm_example(question, rng)
+        if "-" in labels:
+            return steps, labels
+    raise RuntimeError(f"no flawed solution for {question.question!r} in {attempts} draws")
 
 
 def reference_steps(question: Question) -> list[str]:

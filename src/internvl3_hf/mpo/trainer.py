@@ -29,12 +29,9 @@ collator, a callback):
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
 import logging
 import os
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
+from ..sft import make_fused_forward_copy_safe
 from .config import MPOConfig
 from .data import MPODataCollator, PreferencePair, preference_dataset
 
@@ -167,33 +165,6 @@ class SharedImageFeatures:
 
 
 # --------------------------------------------------------------------------------------------------- trainer
-def make_fused_forward_copy_safe(model) -> None:
-    """Re-bind TRL's fused-LM-head `forward` patch so that `copy.deepcopy(model)` trains the copy.
-
-    `DPOTrainer` sets an instance `forward` whose closure holds the model's ORIGINAL bound `forward` for the
-    non-fused path; the patch outlives training, so a deep copy of the trained model (a critic, a reference for a
-    next round) silently ran, and trained, the original's weights. Here the non-fused path calls the class
-    `forward` on whatever `self` is. Left alone when the captured forward is not the plain class method (e.g.
-    accelerate device-map hooks), which this could not reproduce.
-    """
-    patched = model.__dict__.get("forward")
-    fused = getattr(patched, "__func__", None)
-    if fused is None:
-        return
-    original = inspect.getclosurevars(fused).nonlocals.get("original_forward")
-    plain = type(model).forward
-    if getattr(original, "__func__", None) is not plain or getattr(original, "__self__", None) is not model:
-        return
-
-    @functools.wraps(fused)
-    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
-        if fused_lm_head:
-            return fused(self, *args, fused_lm_head=True, **kwargs)
-        return plain(self, *args, **kwargs)
-
-    model.forward = types.MethodType(forward, model)
-
-
 class MPOTrainer(DPOTrainer):
     """TRL's `DPOTrainer` with the MPO loss (reward shift δ included) for InternVL3.
 
