@@ -595,8 +595,9 @@ def test_fused_training_step_never_materialises_logits(tmp_path, tokenizer, conf
 
 
 def test_fused_lm_head_is_added_once(tmp_path, model_factory):
-    """A second trainer on the same model does not patch again; a deep copy (whose copied forward still runs the
-    original model off the fused path) and a TRL patch with another temperature are patched afresh."""
+    """A second trainer on the same model does not patch again; a deep copy keeps a patch that runs the copy's own
+    weights (TRL's own patch would run the original's off the fused path); a TRL patch with another temperature is
+    patched afresh."""
     from trl.trainer.utils import add_fused_lm_head
 
     model = model_factory()
@@ -609,10 +610,12 @@ def test_fused_lm_head_is_added_once(tmp_path, model_factory):
     assert model.__dict__["forward"] is forward
 
     clone = copy.deepcopy(model)
-    assert "forward" in clone.__dict__ and not has_fused_lm_head(clone)
+    assert has_fused_lm_head(clone) and clone.forward.__self__ is clone
     with torch.no_grad():
         clone.lm_head.weight.mul_(2)
-    assert InternVL3Trainer(model=clone, args=sgd_args(tmp_path, 1, 1)).fused_lm_head and has_fused_lm_head(clone)
+    cloned_forward = clone.__dict__["forward"]
+    assert InternVL3Trainer(model=clone, args=sgd_args(tmp_path, 1, 1)).fused_lm_head
+    assert clone.__dict__["forward"] is cloned_forward
     input_ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = clone.lm_head(clone.model(input_ids=input_ids).last_hidden_state)

@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from internvl3_hf.mpo import REWARD_SHIFT_FILE, MPOConfig, MPOTrainer, RewardShift, preference_dataset  # noqa: E402
 from internvl3_hf.mpo.cli import lora_config, run_mpo  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
-from internvl3_hf.train import build_model_and_processor, load_recipe  # noqa: E402
 from internvl3_hf.sft import add_fused_lm_head_once  # noqa: E402
+from internvl3_hf.train import build_model_and_processor, load_recipe  # noqa: E402
 
 RECIPE = "recipes/tiny_cpu_mpo.yaml"
 BETA = 0.5

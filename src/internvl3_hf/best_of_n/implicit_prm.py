@@ -21,15 +21,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..chat import build_messages
 from .prm import (
-    AGGREGATIONS,
     DEFAULT_MAX_STEPS,
     STEP_SEPARATOR,
     CriticScore,
-    _check_max_steps,
     _pad,
     aggregate_step_scores,
     as_image_list,
     check_critic_text,
+    check_scoring_settings,
     rope_positions,
     split_steps,
 )
@@ -62,13 +61,9 @@ class ImplicitPRM:
         batch_size: int = 8,
         system: str | None = None,
     ):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        check_scoring_settings(aggregation, batch_size, max_steps)
         if not beta > 0:
             raise ValueError(f"beta must be positive (the training loss's β), got {beta!r}.")
-        _check_max_steps(max_steps)
         if model is reference:
             raise ValueError("The critic and its reference are the same object: every likelihood ratio would be 1.")
         self.model = model

@@ -114,6 +114,15 @@ def as_image_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
+def check_scoring_settings(aggregation: str, batch_size: int, max_steps: int | None) -> None:
+    """The settings every critic takes: a known aggregation, a positive batch size, a valid step limit."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    _check_max_steps(max_steps)
+
+
 def check_critic_text(text: str, what: str, *, placeholder_allowed: bool = False) -> None:
     """Refuse text holding chat or image special tokens (they would corrupt the conversation), and `<image>`
     placeholders where images are placed by the prompt builder."""
@@ -240,13 +249,9 @@ class VisualPRM:
         batch_size: int = 8,
         mode: ScoringMode = "single_forward",
     ):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        check_scoring_settings(aggregation, batch_size, max_steps)
         if mode not in SCORING_MODES:
             raise ValueError(f"Unknown scoring mode {mode!r}; choose one of {SCORING_MODES}.")
-        _check_max_steps(max_steps)
         self.model = model
         self.processor = processor
         self.max_steps = max_steps
