@@ -140,9 +140,12 @@ def make_fused_forward_copy_safe(model) -> None:
     already re-bound one (e.g. accelerate device-map hooks), which this could not reproduce.
     """
     fused = getattr(model.__dict__.get("forward"), "__func__", None)
-    if fused is None or fused.__code__.co_name != "_fused_forward":
+    if fused is None or hasattr(fused, _COPY_SAFE):
         return
-    original = inspect.getclosurevars(fused).nonlocals.get("original_forward")
+    closure = _fused_forward_closure(model)
+    if closure is None:
+        return
+    original = closure.get("original_forward")
     plain = type(model).forward
     if getattr(original, "__self__", None) is not model:
         return

@@ -105,11 +105,12 @@ class ImplicitPRM:
             for response in group:
                 check_critic_text(response, "response")
             prompt_ids, pixel_values = self._encode_prompt(question, as_image_list(question_images))
+            features = tuple(_image_features(model, pixel_values) for model in (self.model, self.reference))
             steps = [[response] if orm else split_steps(response, self.max_steps) for response in group]
             rows = [self._tokenize_response(response, row_steps) for response, row_steps in zip(group, steps)]
             scores = []
             for start in range(0, len(rows), self.batch_size):
-                scores += self._step_scores(prompt_ids, pixel_values, rows[start : start + self.batch_size])
+                scores += self._step_scores(prompt_ids, features, rows[start : start + self.batch_size])
             results.append(
                 [
                     CriticScore(row_steps, step_scores, aggregate_step_scores(step_scores, self.aggregation))
@@ -141,16 +142,17 @@ class ImplicitPRM:
 
     # ----------------------------------------------------------------------------------------- scoring
     def _step_scores(
-        self, prompt_ids: list[int], pixel_values: torch.Tensor | None, rows: list[tuple[list[int], list[int]]]
+        self, prompt_ids: list[int], features: tuple, rows: list[tuple[list[int], list[int]]]
     ) -> list[list[float]]:
-        """σ(q_t) for every step of every row: q_t = β × the summed token log-ratios up to the end of step t."""
+        """σ(q_t) for every step of every row: q_t = β × the summed token log-ratios up to the end of step t.
+        `features`: the question's image features under the critic and under the reference (or None each)."""
         device = self.model.device
         # Left padding: every response ends at the last column, so only the response logits need computing.
         input_ids, attention_mask = _pad([prompt_ids + ids for ids, _ in rows], self.pad_id, "left", torch.long, device)
         keep = max(len(ids) for ids, _ in rows) + 1
         positions = rope_positions(self.model, input_ids, attention_mask)
-        ratio = self._token_logprobs(self.model, input_ids, attention_mask, positions, pixel_values, keep)
-        ratio = ratio - self._token_logprobs(self.reference, input_ids, attention_mask, positions, pixel_values, keep)
+        ratio = self._token_logprobs(self.model, input_ids, attention_mask, positions, features[0], keep)
+        ratio = ratio - self._token_logprobs(self.reference, input_ids, attention_mask, positions, features[1], keep)
         scores = []
         for row, (ids, token_steps) in enumerate(rows):
             token_ratios = ratio[row, ratio.shape[1] - len(ids) :]
@@ -160,11 +162,11 @@ class ImplicitPRM:
         return scores
 
     @staticmethod
-    def _token_logprobs(model, input_ids, attention_mask, positions, pixel_values, keep: int) -> torch.Tensor:
-        """log P(token) of the last `keep - 1` tokens of each row under `model`, `(batch, keep - 1)`, float32."""
+    def _token_logprobs(model, input_ids, attention_mask, positions, features, keep: int) -> torch.Tensor:
+        """log P(token) of the last `keep - 1` tokens of each row under `model`, `(batch, keep - 1)`, float32;
+        `features` (the question's image features under `model`, or None) serve every row."""
         images = None
-        if pixel_values is not None:
-            features = model.get_image_features(pixel_values.to(model.device, model.dtype)).pooler_output
+        if features is not None:
             images = {"image": BaseModelOutputWithPooling(pooler_output=features.repeat(input_ids.shape[0], 1, 1))}
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, mm_encoder_outputs=images,
@@ -172,6 +174,13 @@ class ImplicitPRM:
         ).logits.float()  # fmt: skip
         targets = input_ids[:, -(keep - 1) :]
         return logits[:, :-1].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _image_features(model, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+    """A question's image features under `model` (one ViT pass, shared by all its candidate rows)."""
+    if pixel_values is None:
+        return None
+    return model.get_image_features(pixel_values.to(model.device, model.dtype)).pooler_output
 
 
 __all__ = ["ImplicitPRM"]

@@ -195,12 +195,10 @@ def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[
         for index, question in enumerate(questions)
     ]  # fmt: skip
     for index, (question, answers) in enumerate(rollouts):
-        labelled = {answer: tasks.label_response(question, answer)[1] for answer in answers if answer}
-        sound = sorted(answer for answer, labels in labelled.items() if "-" not in labels)
-        unsound = sorted(answer for answer, labels in labelled.items() if "-" in labels)
-        rng.shuffle(sound)
-        rng.shuffle(unsound)
-        pairs += [preference_pair(question, good, bad, f"critic_rollout[{index}]") for good, bad in zip(sound, unsound)]
+        sound = {answer for answer in answers if answer and "-" not in tasks.label_response(question, answer)[1]}
+        unsound = {answer for answer in answers if answer} - sound
+        pairs += [preference_pair(question, good, bad, f"critic_rollout[{index}]")
+                  for good, bad in _shuffled_pairs(sound, unsound, rng)]  # fmt: skip
     rng.shuffle(pairs)
     return pairs
 
@@ -379,13 +377,21 @@ def preference_pair(question: Question, chosen: str, rejected: str, origin: str)
                           images=_images(question) or [], origin=origin)
 
 
+def _shuffled_pairs(good: set[str], bad: set[str], rng: random.Random) -> list[tuple[str, str]]:
+    """Each good answer against a bad one, both sides in a seeded random order (sorted first: sets have none)."""
+    good_order, bad_order = sorted(good), sorted(bad)
+    rng.shuffle(good_order)
+    rng.shuffle(bad_order)
+    return list(zip(good_order, bad_order))
+
+
 def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
     """Preference pairs from the model's own samples: a correct answer (chosen) against a wrong one (rejected)."""
     rng = random.Random(seed)
     pairs, stats = [], {"questions": len(questions), "all_right": 0, "all_wrong": 0, "mixed": 0}
     for index, (question, group) in enumerate(zip(questions, answers)):
-        right = sorted({a for a in group if a and tasks.is_correct(question, a)})
-        wrong = sorted({a for a in group if a and not tasks.is_correct(question, a)})
+        right = {a for a in group if a and tasks.is_correct(question, a)}
+        wrong = {a for a in group if a and not tasks.is_correct(question, a)}
         if not wrong:
             stats["all_right"] += 1
             continue
@@ -393,9 +399,7 @@ def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_q
             stats["all_wrong"] += 1
             continue
         stats["mixed"] += 1
-        rng.shuffle(right)
-        rng.shuffle(wrong)
-        for chosen, rejected in list(zip(right, wrong))[:per_question]:
+        for chosen, rejected in _shuffled_pairs(right, wrong, rng)[:per_question]:
             pairs.append(preference_pair(question, chosen, rejected, f"mpo[{index}]"))
     rng.shuffle(pairs)
     return pairs, stats
