@@ -62,9 +62,9 @@ def test_the_table_and_the_png(fast_run, capsys):
     table = format_table(report)
     for stage in report.stages:
         assert f"| {stage.name} | {stage.visual_accuracy:.1%} ({stage.visual_correct}/{stage.visual_total})" in table
-    # Best-of-N's weighted vote, and the PRM arg-max and the majority vote over the same candidates, on the same
+    # Best-of-N's PRM arg-max, and the PRM-weighted vote and the majority vote over the same candidates, on the same
     # held-out questions as the other stages.
     bon = report.stage("Best-of-N")
     assert bon.visual_total == report.stage("MPO").visual_total and len(bon.text) == len(report.stage("MPO").text)
-    assert "| (same candidates: PRM arg-max) |" in table and "| (same candidates: majority vote) |" in table
+    assert "| (same candidates: PRM-weighted vote) |" in table and "| (same candidates: majority vote) |" in table
     assert (output / "tiny-internvl3-recipe" / "config.json").exists()

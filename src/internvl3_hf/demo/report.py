@@ -18,7 +18,10 @@ LIGHT = (225, 225, 225)
 
 
 # --------------------------------------------------------------------------------------------------- table
-BON_COMPARISONS = (("prm", "(same candidates: PRM arg-max)"), ("majority", "(same candidates: majority vote)"))
+BON_COMPARISONS = (
+    ("prm_vote", "(same candidates: PRM-weighted vote)"),
+    ("majority", "(same candidates: majority vote)"),
+)
 
 
 def format_table(report) -> str:
