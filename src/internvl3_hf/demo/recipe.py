@@ -1,4 +1,5 @@
-"""The whole InternVL3 recipe on a laptop: native pre-training → SFT → MPO → Best-of-N, on synthetic visual QA.
+"""The whole InternVL3 recipe on a laptop: native pre-training → SFT → MPO → Best-of-N, on synthetic visual QA,
+from a pre-trained ViT as in the paper (`vision.pretrain_vision_encoder`, through `transformers.Trainer`).
 
 Every stage goes through the plugin's public APIs: `SFTDataset`/`SFTCollator`/`InternVL3Trainer` (pre-training
 and SFT), `MPOTrainer`/`MPOConfig` (MPO and the critic), `generate_candidates` (sampling), `ImplicitPRM` and
@@ -33,6 +34,7 @@ from ..sft import InternVL3Trainer
 from . import tasks
 from .model import build_demo_model, build_demo_tokenizer, demo_config
 from .tasks import Question
+from .vision import pretrain_vision_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ BON_TEMPERATURE = 0.7  # diverse candidates that are still mostly sensible
 class RecipeSize:
     """How much data and how many optimizer steps each stage gets."""
 
+    vision_scenes: int  # scenes the ViT is pre-trained on before the recipe (`vision.pretrain_vision_encoder`)
+    vision_steps: int
     pretrain_scenes: int
     pretrain_text: int
     pretrain_steps: int
@@ -72,14 +76,16 @@ class RecipeSize:
 
 SIZES = {
     "default": RecipeSize(
-        pretrain_scenes=10000, pretrain_text=2000, pretrain_steps=1200, sft_samples=3000, sft_steps=400,
+        vision_scenes=4000, vision_steps=300, pretrain_scenes=10000, pretrain_text=2000, pretrain_steps=1200,
+        sft_samples=3000, sft_steps=400,
         mpo_questions=300, mpo_samples=8, mpo_steps=60, critic_pairs=3000, critic_steps=300,
         eval_per_kind=60, eval_text=60, bon_n=8,
     ),
     "fast": RecipeSize(
-        pretrain_scenes=3200, pretrain_text=600, pretrain_steps=600, sft_samples=900, sft_steps=250,
+        vision_scenes=2000, vision_steps=150, pretrain_scenes=3200, pretrain_text=600, pretrain_steps=600,
+        sft_samples=900, sft_steps=250,
         mpo_questions=80, mpo_samples=4, mpo_steps=10, critic_pairs=400, critic_steps=30,
-        eval_per_kind=24, eval_text=24, bon_n=4, packed_tokens=256, hidden_size=96, layers=3,
+        eval_per_kind=24, eval_text=24, bon_n=4, packed_tokens=256, hidden_size=96, layers=3, sft_learning_rate=1e-3,
     ),
 }
 
@@ -453,6 +459,15 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
         _log(f"{name}: held-out visual {result.visual_correct}/{result.visual_total} = {result.visual_accuracy:.1%}, "
              f"text {sum(text)}/{len(text)} = {result.text_accuracy:.1%} ({result.seconds:.0f} s)")
         return result
+
+    # 0. the ViT starts pre-trained, as InternVL3's InternViT does (a head on its features, then dropped)
+    began = time.perf_counter()
+    progress = _StageProgress("0/4 vision encoder")
+    args = TrainingArguments(**_training_arguments(output_dir / "vision", size.vision_steps, 1e-3, 64, seed))
+    accuracy = pretrain_vision_encoder(model, processor, args, size.vision_scenes, seed * 1000 + 11,
+                                       prepare=lambda trainer: _quiet(trainer, progress))
+    _log(f"vision encoder: tells what each grid cell holds in {accuracy:.1%} of held-out scenes' cells "
+         f"({time.perf_counter() - began:.0f} s)")
 
     # 1. native multimodal pre-training: the mix, text-token loss, square averaging, packing, V2PE with random δ
     began = time.perf_counter()

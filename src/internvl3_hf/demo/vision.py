@@ -1,0 +1,78 @@
+"""The demo's vision encoder starts pre-trained, as InternVL3 starts from a pre-trained InternViT.
+
+A linear head on each image token's ViT features (the pixel-unshuffled 2×2 patches of one grid cell) learns what
+that cell holds — nothing, or one of the colour × shape combinations — through `transformers.Trainer`; the head
+is then dropped and the recipe's native pre-training goes on from the ViT. From a random ViT, which perception
+skills the LLM picked up in pre-training depended on the run (see the README's demo section).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from ..modeling.modeling_internvl3 import pixel_unshuffle
+from . import tasks
+
+CELL_CLASSES = (None, *((colour, shape) for colour in tasks.COLOURS for shape in tasks.SHAPES))
+
+
+def cell_labels(scene: tasks.Scene) -> list[int]:
+    """What each grid cell holds, row by row (the order of the image tokens): an index into `CELL_CLASSES`."""
+    labels = [0] * (tasks.GRID * tasks.GRID)
+    for item in scene.shapes:
+        labels[item.row * tasks.GRID + item.column] = CELL_CLASSES.index((item.colour, item.shape))
+    return labels
+
+
+class CellClassifier(nn.Module):
+    """The model's ViT and a linear head on each image token's pixel-unshuffled features (no projector, no LLM)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.downsample_ratio = model.config.downsample_ratio
+        self.ps_version = model.config.ps_version
+        width = model.config.vision_config.hidden_size * round(1 / self.downsample_ratio) ** 2
+        self.head = nn.Linear(width, len(CELL_CLASSES))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        features = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:, :]  # drop CLS
+        side = int(features.shape[1] ** 0.5)
+        features = features.reshape(len(features), side, side, features.shape[-1])
+        features = pixel_unshuffle(features, self.downsample_ratio, self.ps_version)
+        logits = self.head(features.reshape(len(features), -1, features.shape[-1]))
+        loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def cell_dataset(processor, scenes: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`scenes` random scenes as `{"pixel_values", "labels"}` examples (one tile each, the demo's image processing)."""
+    rng = random.Random(seed)
+    drawn = [tasks.random_scene(rng, rng.randrange(2**31)) for _ in range(scenes)]
+    pixels = processor.image_processor([scene.render() for scene in drawn], return_tensors="pt")["pixel_values"]
+    if len(pixels) != scenes:
+        raise ValueError(f"the demo's image processor made {len(pixels)} tiles for {scenes} scenes; expected one each")
+    return [{"pixel_values": pixel, "labels": torch.tensor(cell_labels(scene))} for pixel, scene in zip(pixels, drawn)]
+
+
+def pretrain_vision_encoder(model, processor, args: TrainingArguments, scenes: int, seed: int,
+                            prepare: Callable[[Trainer], None] | None = None) -> float:
+    """Train `model`'s ViT to tell what each grid cell holds (`prepare` gets the `Trainer` first, e.g. to set its
+    callbacks); returns the cell accuracy on 500 held-out scenes."""
+    classifier = CellClassifier(model)
+    examples = cell_dataset(processor, scenes + 500, seed)
+    trainer = Trainer(model=classifier, args=args, train_dataset=examples[:scenes])
+    if prepare is not None:
+        prepare(trainer)
+    trainer.train()
+    held_out = examples[scenes:]
+    classifier.eval()
+    with torch.no_grad():
+        logits = classifier(torch.stack([example["pixel_values"] for example in held_out]))["logits"]
+    labels = torch.stack([example["labels"] for example in held_out])
+    return (logits.argmax(-1) == labels).float().mean().item()
