@@ -34,7 +34,12 @@ def launch(output_dir: Path, mode: str, timeout: int = 300) -> None:
         str(output_dir), mode,
     ]
     root = Path(__file__).parents[1]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired as error:  # a rank hung or died: show what the ranks printed, not only "timeout"
+        output = [(stream or b"").decode(errors="replace") for stream in (error.stdout, error.stderr)]
+        pytest.fail(f"torch.distributed.run did not finish in {timeout} s; its output:\n"
+                    f"{output[0][-4000:]}{output[1][-8000:]}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
 
 

@@ -37,6 +37,7 @@ def fast_run(tmp_path_factory):
 def test_pretraining_beats_chance_and_sft_does_not_lose_it(fast_run):
     report, _ = fast_run
     assert [stage.name for stage in report.stages] == ["pre-training", "SFT", "MPO", "Best-of-N"]
+    assert report.extra["vision_cell_accuracy"] > 0.9  # the ViT starts pre-trained (`demo.vision`)
     pretrain, sft = report.stage("pre-training"), report.stage("SFT")
     assert pretrain.visual_total == sft.visual_total == 120
     # The kinds the pre-training mix asks (colour, shape, count, position): well above uniform guessing.
