@@ -141,8 +141,12 @@ def _worker(output_dir: Path, mode: str) -> None:
                 output_dir / f"ddp_{weighting}_{batch_size}x{accumulation}.pt",
             )
         dist.barrier()
-    # Tear gloo down before interpreter exit: its threads otherwise race the exit and abort the process.
-    dist.destroy_process_group()
+    # Every result is on disk once all ranks pass the barrier: leave without any gloo teardown. Its threads raced a
+    # normal interpreter exit (abort), and in CI rank 0 hung after the last barrier (in destroy_process_group or at
+    # exit) once rank 1 had gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -272,9 +272,11 @@ def _ddp_worker(output_dir: str) -> None:
     trainer.train()
     rank = trainer.accelerator.process_index
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(trainer.reward_shift.state_dict()))
-    # Tear gloo down before interpreter exit: its threads otherwise race the exit and abort the process.
+    # Leave without any gloo teardown once all ranks have written their file (see tests/test_sft_ddp.py `_worker`).
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
