@@ -255,6 +255,16 @@ class InternVL3Model(InternVL3PreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """ViT outputs of tiles `(num_tiles, 3, S, S)`, with `pooler_output` the projected LLM embeddings
         `(num_tiles, image_seq_length, hidden)` (the transformers VLM convention `generate` pre-encodes with)."""
+        vision_outputs, features = self.unshuffled_vision_features(pixel_values, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states,
+            pooler_output=self.multi_modal_projector(features),
+        )
+
+    def unshuffled_vision_features(self, pixel_values: torch.Tensor, **kwargs) -> tuple:
+        """The ViT outputs and the `vision_feature_layer` features the projector reads: CLS dropped, pixel-unshuffled,
+        `(num_tiles, image_seq_length, vision_hidden / downsample_ratio**2)`."""
         kwargs.pop("return_dict", None)
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         layer = self.config.vision_feature_layer
@@ -264,12 +274,7 @@ class InternVL3Model(InternVL3PreTrainedModel):
         side = int(features.shape[1] ** 0.5)
         features = features.reshape(features.shape[0], side, side, features.shape[-1])
         features = pixel_unshuffle(features, self.config.downsample_ratio, self.config.ps_version)
-        features = features.reshape(features.shape[0], -1, features.shape[-1])
-        return BaseModelOutputWithPooling(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            hidden_states=vision_outputs.hidden_states,
-            pooler_output=self.multi_modal_projector(features),
-        )
+        return vision_outputs, features.reshape(features.shape[0], -1, features.shape[-1])
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch, seq)` mask of the `<IMG_CONTEXT>` positions."""

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..modeling.modeling_internvl3 import pixel_unshuffle
 from . import tasks
 
 CELL_CLASSES = (None, *((colour, shape) for colour in tasks.COLOURS for shape in tasks.SHAPES))
@@ -30,22 +29,18 @@ def cell_labels(scene: tasks.Scene) -> list[int]:
 
 
 class CellClassifier(nn.Module):
-    """The model's ViT and a linear head on each image token's pixel-unshuffled features (no projector, no LLM)."""
+    """The model's ViT and a linear head on each image token's features as the projector reads them (no projector,
+    no LLM)."""
 
     def __init__(self, model):
         super().__init__()
-        self.vision_tower = model.model.vision_tower
-        self.downsample_ratio = model.config.downsample_ratio
-        self.ps_version = model.config.ps_version
-        width = model.config.vision_config.hidden_size * round(1 / self.downsample_ratio) ** 2
+        self.vision_tower = model.model.vision_tower  # the only trained part (registered: the Trainer optimizes it)
+        self.features = model.model.unshuffled_vision_features  # a bound method: registers no LLM parameters
+        width = model.config.vision_config.hidden_size * round(1 / model.config.downsample_ratio) ** 2
         self.head = nn.Linear(width, len(CELL_CLASSES))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        features = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:, :]  # drop CLS
-        side = int(features.shape[1] ** 0.5)
-        features = features.reshape(len(features), side, side, features.shape[-1])
-        features = pixel_unshuffle(features, self.downsample_ratio, self.ps_version)
-        logits = self.head(features.reshape(len(features), -1, features.shape[-1]))
+        logits = self.head(self.features(pixel_values)[1])
         loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         return {"loss": loss, "logits": logits}
 
