@@ -39,6 +39,16 @@ def test_every_kind_is_asked_and_answers_are_consistent_with_the_scene():
             assert len(split_steps(question.solution)) == 4  # blank-line steps, as VisualPRM splits them
 
 
+def test_colour_counts_mostly_ask_a_colour_the_scene_holds():
+    rng = random.Random(0)
+    scenes = [tasks.random_scene(rng, seed) for seed in range(300)]
+    questions = [tasks.visual_question(scene, "colour_count", rng) for scene in scenes]
+    asked = [q.question.split()[2] for q in questions]
+    assert all(int(q.answer) == q.scene.count(colour) for q, colour in zip(questions, asked))
+    present = sum(q.scene.count(colour) > 0 for q, colour in zip(questions, asked)) / len(questions)
+    assert 0.8 <= present < 1  # as `sum` asks (absent colours too, so that "0" stays an answer)
+
+
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
@@ -56,7 +66,7 @@ def test_final_answer(response, expected):
 def test_corrupted_solutions_are_labelled_minus_from_the_first_wrong_step():
     rng = random.Random(0)
     questions = [q for q in tasks.visual_questions(200, seed=2) if q.kind == "sum"]
-    seen_errors = set()
+    seen_errors, wrong_colours = set(), 0
     for question in questions:
         steps, labels = tasks.corrupted_solution(question, rng)
         assert len(steps) == len(labels) == 4
@@ -68,7 +78,13 @@ def test_corrupted_solutions_are_labelled_minus_from_the_first_wrong_step():
             seen_errors.add(first)
         else:
             assert steps == question.solution.split(tasks.STEP_SEPARATOR)
+        colour_b = question.facts["colours"][1]
+        named, count = steps[1].removesuffix(".").split(" shapes: ")
+        if named.lower() != colour_b:  # the second step counted another colour: rightly, but not the one asked
+            wrong_colours += 1
+            assert labels[1] == "-" and int(count) == question.scene.count(named.lower())
     assert seen_errors == {0, 1, 2, 3}
+    assert wrong_colours > 0
 
 
 def test_chance_accuracy_is_the_mean_of_one_over_the_answer_space():
@@ -119,3 +135,23 @@ def test_flawed_examples_always_hold_a_wrong_step():
         steps, labels = tasks.flawed_example(question, rng)
         assert len(steps) == len(labels) and labels[-1] == "-"
         assert not tasks.is_correct(question, tasks.STEP_SEPARATOR.join(steps))
+
+
+def test_mpo_pairs_put_a_sound_answer_against_an_unsound_one_even_when_it_is_right_by_luck():
+    from internvl3_hf.demo.recipe import mpo_pairs
+
+    question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    (colour_a, _), (a, b) = question.facts["colours"], question.facts["counts"]
+    steps = question.solution.split(tasks.STEP_SEPARATOR)
+    lucky = tasks.STEP_SEPARATOR.join(  # a wrong count, then a wrong sum that lands on the right answer
+        [f"{colour_a.capitalize()} shapes: {a + 1}.", steps[1], f"{a + 1} + {b} = {a + b}.", f"Answer: {a + b}"]
+    )
+    assert tasks.is_correct(question, lucky) and tasks.label_response(question, lucky)[1] == ["-"] * 4
+    colour = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "colour")
+    wrong_colour = tasks.wrong_answer(colour, random.Random(0))
+    pairs, stats = mpo_pairs(
+        [question, colour, colour], [[question.solution, lucky, "", question.solution], [colour.answer] * 2,
+                                     [wrong_colour]], per_question=3, seed=0,
+    )  # fmt: skip
+    assert stats == {"questions": 3, "all_sound": 1, "none_sound": 1, "mixed": 1}
+    assert [(pair.chosen, pair.rejected, pair.origin) for pair in pairs] == [(question.solution, lucky, "mpo[0]")]

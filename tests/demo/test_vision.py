@@ -31,8 +31,12 @@ def test_the_classifier_reads_each_image_token_of_the_model():
     pixels = torch.stack([example["pixel_values"] for example in examples])
     labels = torch.stack([example["labels"] for example in examples])
     output = classifier(pixels, labels)
-    assert output["logits"].shape == (3, model.config.image_seq_length, len(CELL_CLASSES))
+    tokens = model.config.image_seq_length
+    assert output["logits"].shape == (3, tokens, len(CELL_CLASSES))
+    assert output["cell_logits"].shape == (3, tokens, tokens)
+    # what each cell holds, plus which cell each token is (image tokens go row by row: token i is cell i)
     expected = F.cross_entropy(output["logits"].reshape(-1, len(CELL_CLASSES)), labels.reshape(-1))
+    expected = expected + F.cross_entropy(output["cell_logits"].reshape(-1, tokens), torch.arange(tokens).repeat(3))
     torch.testing.assert_close(output["loss"], expected)
     # The ViT it trains is the model's own: the same parameters, not a copy.
     assert classifier.vision_tower is model.model.vision_tower

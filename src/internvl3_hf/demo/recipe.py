@@ -204,8 +204,7 @@ def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[
         for index, question in enumerate(questions)
     ]  # fmt: skip
     for index, (question, answers) in enumerate(rollouts):
-        sound = {answer for answer in answers if answer and "-" not in tasks.label_response(question, answer)[1]}
-        unsound = {answer for answer in answers if answer} - sound
+        sound, unsound = sound_and_unsound(question, answers)
         pairs += [preference_pair(question, good, bad, f"critic_rollout[{index}]")
                   for good, bad in _shuffled_pairs(sound, unsound, rng)]  # fmt: skip
     rng.shuffle(pairs)
@@ -389,6 +388,13 @@ def preference_pair(question: Question, chosen: str, rejected: str, origin: str)
                           images=_images(question) or [], origin=origin)
 
 
+def sound_and_unsound(question: Question, answers: Sequence[str]) -> tuple[set[str], set[str]]:
+    """The distinct non-empty `answers` whose every step agrees with the reference solution
+    (`tasks.label_response`; a one-step answer: the right one), and the others."""
+    sound = {answer for answer in answers if answer and "-" not in tasks.label_response(question, answer)[1]}
+    return sound, {answer for answer in answers if answer} - sound
+
+
 def _shuffled_pairs(good: set[str], bad: set[str], rng: random.Random) -> list[tuple[str, str]]:
     """Each good answer against a bad one, both sides in a seeded random order (sorted first: sets have none)."""
     good_order, bad_order = sorted(good), sorted(bad)
@@ -398,20 +404,24 @@ def _shuffled_pairs(good: set[str], bad: set[str], rng: random.Random) -> list[t
 
 
 def mpo_pairs(questions: Sequence[Question], answers: Sequence[list[str]], per_question: int, seed: int):
-    """Preference pairs from the model's own samples: a correct answer (chosen) against a wrong one (rejected)."""
+    """Preference pairs from the model's own samples: a sound answer (chosen) against an unsound one (rejected).
+
+    Sound means every step agrees with the reference solution (`tasks.label_response`; for a one-step answer: it is
+    right). An answer that reaches the right number after a wrong step ("2 + 2 = 2. Answer: 2" where 2 is right)
+    is unsound: as chosen it would teach the wrong step.
+    """
     rng = random.Random(seed)
-    pairs, stats = [], {"questions": len(questions), "all_right": 0, "all_wrong": 0, "mixed": 0}
+    pairs, stats = [], {"questions": len(questions), "all_sound": 0, "none_sound": 0, "mixed": 0}
     for index, (question, group) in enumerate(zip(questions, answers)):
-        right = {a for a in group if a and tasks.is_correct(question, a)}
-        wrong = {a for a in group if a and not tasks.is_correct(question, a)}
-        if not wrong:
-            stats["all_right"] += 1
+        sound, unsound = sound_and_unsound(question, group)
+        if not unsound:
+            stats["all_sound"] += 1
             continue
-        if not right:
-            stats["all_wrong"] += 1
+        if not sound:
+            stats["none_sound"] += 1
             continue
         stats["mixed"] += 1
-        for chosen, rejected in _shuffled_pairs(right, wrong, rng)[:per_question]:
+        for chosen, rejected in _shuffled_pairs(sound, unsound, rng)[:per_question]:
             pairs.append(preference_pair(question, chosen, rejected, f"mpo[{index}]"))
     rng.shuffle(pairs)
     return pairs, stats
@@ -493,8 +503,8 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     sampled = sample_answers(model, processor, mpo_questions, size.mpo_samples, "3/4 MPO: sample answers",
                              do_sample=True, temperature=1.0)
     pairs, stats = mpo_pairs(mpo_questions, sampled, size.mpo_pairs_per_question, seed)
-    _log(f"MPO pairs: {len(pairs)} from {stats['mixed']} questions with right and wrong answers "
-         f"({stats['all_right']} all right, {stats['all_wrong']} all wrong, of {stats['questions']})")
+    _log(f"MPO pairs: {len(pairs)} from {stats['mixed']} questions with sound and unsound answers "
+         f"({stats['all_sound']} all sound, {stats['none_sound']} none sound, of {stats['questions']})")
     model.train()
     losses = train_mpo(model, processor, pairs, output_dir / "mpo", size.mpo_steps, size.mpo_learning_rate, seed,
                        "3/4 MPO")

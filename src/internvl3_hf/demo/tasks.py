@@ -140,7 +140,8 @@ def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | N
         total = str(len(scene.shapes))
         return Question(kind, "How many shapes are there?", total, total, scene)
     if kind == "colour_count":  # pre-training only: counts of one colour, what `sum` adds up
-        colour = rng.choice(list(COLOURS))
+        # mostly a colour the scene holds, as `sum` asks: a random one would be absent or single most of the time
+        colour = rng.choice(sorted({s.colour for s in scene.shapes}) if rng.random() < 0.8 else list(COLOURS))
         total = str(scene.count(colour))
         return Question(kind, f"How many {colour} shapes are there?", total, total, scene)
     if kind == "sum":
@@ -234,19 +235,25 @@ def chance_accuracy(questions: list[Question]) -> float:
 def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str], list[str]]:
     """A solution of a `sum` question with zero or one corrupted step, and its `+`/`-` step labels.
 
-    The error lands on a count, the addition or the final answer; every step from the first wrong one on is `-`
-    (a later step that follows consistently from a wrong one is still part of a wrong process).
+    The error lands on a count, on the colour the second step counts (another colour than the question's, counted
+    rightly: the slip small models make), on the addition or on the final answer; every step from the first wrong
+    one on is `-` (a later step that follows consistently from a wrong one is still part of a wrong process).
     """
     (colour_a, colour_b), (a, b) = question.facts["colours"], question.facts["counts"]
-    where = rng.choice(("none", "none", "count_a", "count_b", "sum", "final"))
-    wa, wb, total = a, b, a + b
+    where = rng.choice(("none", "none", "count_a", "count_b", "colour_b", "sum", "final"))
+    wa, wb, named_b = a, b, colour_b
     bad_from = None
-    if where == "count_a":
+    # counting another colour is only wrong where its count differs (else the step's number is still right)
+    others = [c for c in COLOURS if c != colour_b and question.scene.count(c) != b]
+    if where == "colour_b" and others:
+        named_b = rng.choice(others)
+        wb, bad_from = question.scene.count(named_b), 1
+    elif where == "count_a":
         wa, bad_from = _other(a, rng, 0, MAX_SHAPES), 0
-    elif where == "count_b":
+    elif where in ("count_b", "colour_b"):
         wb, bad_from = _other(b, rng, 0, MAX_SHAPES), 1
     total = wa + wb
-    steps = sum_steps(colour_a, wa, colour_b, wb, total)
+    steps = sum_steps(colour_a, wa, named_b, wb, total)
     if where == "sum":
         wrong = _other(total, rng, 0, 2 * MAX_SHAPES)
         steps[2], steps[3], bad_from = f"{wa} + {wb} = {wrong}.", f"Answer: {wrong}", 2

@@ -1,8 +1,10 @@
 """The demo's vision encoder starts pre-trained, as InternVL3 starts from a pre-trained InternViT.
 
-A linear head on each image token's ViT features (the pixel-unshuffled 2×2 patches of one grid cell) learns what
-that cell holds — nothing, or one of the colour × shape combinations — through `transformers.Trainer`; the head
-is then dropped and the recipe's native pre-training goes on from the ViT. From a random ViT, which perception
+Two linear heads on each image token's ViT features (the pixel-unshuffled 2×2 patches of one grid cell) learn what
+that cell holds — nothing, or one of the colour × shape combinations — and which cell it is, through
+`transformers.Trainer`; the heads are then dropped and the recipe's native pre-training goes on from the ViT.
+The "which cell" head keeps the column and row in each token's features: V2PE's small δ puts the image tokens at
+almost the same rotary position, so the LLM cannot read the cell from their order. From a random ViT, which perception
 skills the LLM picked up in pre-training depended on the run (see the README's demo section).
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import Trainer, TrainingArguments
 
 from . import tasks
@@ -29,8 +32,8 @@ def cell_labels(scene: tasks.Scene) -> list[int]:
 
 
 class CellClassifier(nn.Module):
-    """The model's ViT and a linear head on each image token's features as the projector reads them (no projector,
-    no LLM)."""
+    """The model's ViT and two linear heads on each image token's features as the projector reads them (no
+    projector, no LLM): what its cell holds (`logits`, over `CELL_CLASSES`) and which cell it is (`cell_logits`)."""
 
     def __init__(self, model):
         super().__init__()
@@ -38,11 +41,17 @@ class CellClassifier(nn.Module):
         self.features = model.model.unshuffled_vision_features  # a bound method: registers no LLM parameters
         width = model.config.vision_config.hidden_size * round(1 / model.config.downsample_ratio) ** 2
         self.head = nn.Linear(width, len(CELL_CLASSES))
+        self.cell_head = nn.Linear(width, model.config.image_seq_length)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.head(self.features(pixel_values)[1])
-        loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        return {"loss": loss, "logits": logits}
+        features = self.features(pixel_values)[1]
+        logits, cell_logits = self.head(features), self.cell_head(features)
+        loss = None
+        if labels is not None:
+            cells = torch.arange(features.shape[1], device=features.device).expand(features.shape[:2])
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            loss = loss + F.cross_entropy(cell_logits.flatten(0, 1), cells.flatten())
+        return {"loss": loss, "logits": logits, "cell_logits": cell_logits}
 
 
 def cell_dataset(processor, scenes: int, seed: int) -> list[dict[str, torch.Tensor]]:
