@@ -4,8 +4,8 @@ Two linear heads on each image token's ViT features (the pixel-unshuffled 2×2 p
 that cell holds — nothing, or one of the colour × shape combinations — and which cell it is, through
 `transformers.Trainer`; the heads are then dropped and the recipe's native pre-training goes on from the ViT.
 The "which cell" head keeps the column and row in each token's features: V2PE's small δ puts the image tokens at
-almost the same rotary position, so the LLM cannot read the cell from their order. From a random ViT, which perception
-skills the LLM picked up in pre-training depended on the run (see the README's demo section).
+almost the same rotary position, so the LLM cannot read the cell from their order. From a random ViT, which
+perception skills the LLM picked up in pre-training depended on the run (see the README's demo section).
 """
 
 from __future__ import annotations
