@@ -471,7 +471,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
              f"text {sum(text)}/{len(text)} = {result.text_accuracy:.1%} ({result.seconds:.0f} s)")
         return result
 
-    # 0. the ViT starts pre-trained, as InternVL3's InternViT does (a head on its features, then dropped)
+    # 0. the ViT starts pre-trained, as InternVL3's InternViT does (heads on its features, then dropped)
     began = time.perf_counter()
     progress = _StageProgress("0/4 vision encoder")
     args = TrainingArguments(**_training_arguments(output_dir / "vision", size.vision_steps, 1e-3, 64, seed))
@@ -496,7 +496,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
                        "2/4 SFT", size.packed_tokens)
     finish("SFT", began, losses)
 
-    # 3. MPO on pairs of the SFT model's own right and wrong answers
+    # 3. MPO on pairs of the SFT model's own sound and unsound answers
     began = time.perf_counter()
     mpo_questions = tasks.visual_questions(int(size.mpo_questions * 0.85), seed * 1000 + 3)
     mpo_questions += tasks.text_questions(size.mpo_questions - len(mpo_questions), seed * 1000 + 4)

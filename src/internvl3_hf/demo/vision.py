@@ -66,8 +66,9 @@ def cell_dataset(processor, scenes: int, seed: int) -> list[dict[str, torch.Tens
 
 def pretrain_vision_encoder(model, processor, args: TrainingArguments, scenes: int, seed: int,
                             prepare: Callable[[Trainer], None] | None = None) -> float:
-    """Train `model`'s ViT to tell what each grid cell holds (`prepare` gets the `Trainer` first, e.g. to set its
-    callbacks); returns the cell accuracy on 500 held-out scenes."""
+    """Train `model`'s ViT to tell what each grid cell holds and which cell each image token is (`prepare` gets the
+    `Trainer` first, e.g. to set its callbacks); returns how often it tells what a cell holds on 500 held-out
+    scenes."""
     classifier = CellClassifier(model)
     examples = cell_dataset(processor, scenes + 500, seed)
     trainer = Trainer(model=classifier, args=args, train_dataset=examples[:scenes])
