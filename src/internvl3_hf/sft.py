@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
+import importlib.util
 import logging
-import types
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ._compat import add_fused_lm_head
 from .losses import WEIGHTINGS, shifted_targets, target_weights, weighted_lm_loss, weighted_nll
 
 logger = logging.getLogger(__name__)
-
-# Set on the function of a forward patched here, so that the next trainer on the same model does not patch again.
-_FUSED_MARK = "_internvl3_fused_lm_head"
-_COPY_SAFE = "_internvl3_copy_safe_fused_forward"  # on a re-bound forward: the TRL fused function it calls
 
 
 class InternVL3Trainer(Trainer):
     """`Trainer` with InternVL's per-sample loss weights and, by default, a fused LM head.
 
-    A subclass, not a `compute_loss_func`: the weights need the weight total of the whole optimizer step, which
-    `Trainer` only computes as a token count (`_get_num_items_in_batch`), so both hooks are overridden together.
+    The loss is Σ w·CE over the supervised targets divided by the weight total of the whole optimizer step (every
+    gradient-accumulation micro-batch, and every data-parallel rank with `average_tokens_across_devices`), so the
+    step does not depend on how it is split. `get_batch_samples` computes that total in place of `Trainer`'s token
+    count and hands it to `compute_loss` as `num_items_in_batch`; the model itself computes no loss
+    (`model_accepts_loss_kwargs` is False).
 
     `fused_lm_head=True` (default) patches the model once with TRL's `add_fused_lm_head` (the base model of a
     `PeftModel`): the training loss then projects only the supervised positions through the LM head, in vocabulary
@@ -47,6 +45,7 @@ class InternVL3Trainer(Trainer):
             raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}.")
         self.loss_weighting = loss_weighting
         self.fused_lm_head = bool(fused_lm_head)
+        self.loss_only_prediction = False  # set by `prediction_step` for `compute_loss`
         if self.fused_lm_head and model is not None:
             self.fused_lm_head = add_fused_lm_head_once(model)
         if args is not None and args.ddp_find_unused_parameters is None:
@@ -54,6 +53,8 @@ class InternVL3Trainer(Trainer):
             # (read when the accelerator is created, inside Trainer.__init__).
             args.ddp_find_unused_parameters = True
         super().__init__(model, args, *rest, **kwargs)
+        # `compute_loss` computes the loss, not the model: Trainer then counts no tokens and passes none to it.
+        self.model_accepts_loss_kwargs = False
 
     def call_model_init(self, trial=None):
         """A model from `model_init` gets the fused head too."""
@@ -62,23 +63,33 @@ class InternVL3Trainer(Trainer):
             self.fused_lm_head = add_fused_lm_head_once(model)
         return model
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """The optimizer step's total loss weight, over its micro-batches and (when averaging) all ranks."""
-        if not batch_samples or "labels" not in batch_samples[0]:
+    def loss_normalizer(self, batches: list[dict], device: torch.device) -> torch.Tensor | None:
+        """The total loss weight of `batches` (an optimizer step's micro-batches), summed over all ranks with
+        `average_tokens_across_devices`; None without labels."""
+        if not batches or "labels" not in batches[0]:
             return None
         total = sum(
-            target_weights(batch["labels"], batch.get("position_ids"), self.loss_weighting).sum()
-            for batch in batch_samples
+            target_weights(batch["labels"], batch.get("position_ids"), self.loss_weighting).sum() for batch in batches
         ).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return total
 
+    def get_batch_samples(
+        self, epoch_iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """The step's micro-batches and their `loss_normalizer` (in place of `Trainer`'s token count)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, self.loss_normalizer(batches, device)
+
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """Σ w·CE / `num_items_in_batch`; without one (evaluation), this batch's `loss_normalizer`."""
+        if num_items_in_batch is None and not model.training:
+            num_items_in_batch = self.loss_normalizer([inputs], self.args.device)
         labels = inputs.pop("labels")
         position_ids = inputs.get("position_ids")
         # No KV cache: with one, transformers would not isolate the samples of a packed row (eval included).
-        if self.fused_lm_head and not return_outputs:
+        if self.fused_lm_head and (not return_outputs or self.loss_only_prediction):
             # The first token of every packed sample is no target of the previous sample (as in `shifted_targets`).
             fused_labels = torch.cat([labels[:, :1], shifted_targets(labels, position_ids)], dim=1)
             outputs = model(**inputs, labels=fused_labels, use_cache=False, fused_lm_head=True)
@@ -92,15 +103,12 @@ class InternVL3Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
-        """Loss-only evaluation through the fused head (`Trainer` would ask `compute_loss` for logits)."""
-        if not (self.fused_lm_head and prediction_loss_only and inputs.get("labels") is not None):
+        """Loss-only evaluation through the fused head (`Trainer` asks `compute_loss` for its outputs)."""
+        self.loss_only_prediction = prediction_loss_only
+        try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-        return loss.detach().mean(), None, None
+        finally:
+            self.loss_only_prediction = False
 
 
 # --------------------------------------------------------------------------------------------------- fused LM head
@@ -110,79 +118,15 @@ def add_fused_lm_head_once(model) -> bool:
     Returns whether the fused path can be used: False (with a warning) without TRL, or when the LM head itself is a
     LoRA layer (TRL reads `lm_head.weight` directly and would silently drop the adapter).
     """
-    try:
-        from trl.trainer.utils import add_fused_lm_head
-    except ImportError:
+    if importlib.util.find_spec("trl") is None:
         logger.warning("fused_lm_head needs trl (pip install 'internvl3-hf[train]'): training on full logits.")
         return False
     target = model.get_base_model() if _is_peft(model) else model
     if _is_peft_tuner_layer(target.get_output_embeddings()):
         logger.warning("The LM head carries a PEFT adapter: fused_lm_head is off, training on full logits.")
         return False
-    if not has_fused_lm_head(target):
-        closure = _fused_forward_closure(target)
-        if closure is not None and getattr(closure.get("original_forward"), "__self__", None) is not target:
-            # A deep copy of a patched model: its forward's closure still runs the ORIGINAL model when not fused.
-            del target.__dict__["forward"]
-        add_fused_lm_head(target)
-        setattr(target.forward.__func__, _FUSED_MARK, True)
-        make_fused_forward_copy_safe(target)
+    add_fused_lm_head(target)
     return True
-
-
-def make_fused_forward_copy_safe(model) -> None:
-    """Re-bind TRL's fused-LM-head `forward` patch on `model` so that a deep copy runs, and trains, its own weights.
-
-    TRL's instance `forward` keeps the model's ORIGINAL bound `forward` in its closure for the non-fused path, and
-    the patch outlives training: `copy.deepcopy(trained_model)` (a critic, the reference of a next round) silently
-    ran the original's weights whenever called without `fused_lm_head`. The re-bound forward calls the class
-    `forward` on whatever `self` is. Left alone when the captured forward is neither the plain class method nor an
-    already re-bound one (e.g. accelerate device-map hooks), which this could not reproduce.
-    """
-    fused = getattr(model.__dict__.get("forward"), "__func__", None)
-    if fused is None or hasattr(fused, _COPY_SAFE):
-        return
-    closure = _fused_forward_closure(model)
-    if closure is None:
-        return
-    original = closure.get("original_forward")
-    plain = type(model).forward
-    if getattr(original, "__self__", None) is not model:
-        return
-    if original.__func__ is not plain and not hasattr(original.__func__, _COPY_SAFE):
-        return
-
-    @functools.wraps(fused)
-    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
-        if fused_lm_head:
-            return fused(self, *args, fused_lm_head=True, **kwargs)
-        return plain(self, *args, **kwargs)
-
-    setattr(forward, _COPY_SAFE, fused)
-    model.forward = types.MethodType(forward, model)
-
-
-def has_fused_lm_head(model) -> bool:
-    """Whether `model.forward` is a fused-LM-head forward of `model` itself usable here (patched by this module, or
-    by a TRL trainer with temperature 1). Read from the instance `forward`: a copy whose patch was dropped reads
-    False, and so does a deep copy whose patched forward still calls the original model."""
-    closure = _fused_forward_closure(model)
-    if closure is None or getattr(closure.get("original_forward"), "__self__", None) is not model:
-        return False
-    return bool(closure.get(_FUSED_MARK)) or closure.get("temperature") == 1.0
-
-
-def _fused_forward_closure(model) -> dict | None:
-    """The closure variables of TRL's patched instance `forward` (plus our mark), or None when not patched."""
-    bound = model.__dict__.get("forward")
-    function = getattr(bound, "__func__", None)
-    if function is not None and hasattr(function, _COPY_SAFE):  # re-bound: the non-fused path runs `self`
-        fused = getattr(function, _COPY_SAFE)
-        closure = {**inspect.getclosurevars(fused).nonlocals, "original_forward": bound}
-        return {**closure, _FUSED_MARK: getattr(fused, _FUSED_MARK, False)}
-    if function is None or function.__code__.co_name != "_fused_forward":
-        return None
-    return {**inspect.getclosurevars(function).nonlocals, _FUSED_MARK: getattr(function, _FUSED_MARK, False)}
 
 
 def _is_peft(model) -> bool:
