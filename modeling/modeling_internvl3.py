@@ -25,10 +25,11 @@ from transformers.models.internvl.modeling_internvl import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils import logging
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.import_utils import torch_compilable_check
+from transformers.utils.import_utils import is_flash_attn_2_available, torch_compilable_check
 from transformers.utils.output_capturing import capture_outputs
 
 from .chat_internvl3 import InternVLChatMixin
+from .critic_internvl3 import InternVLCriticMixin
 from .configuration_internvl3 import InternVL3Config
 from .v2pe import POSITION_UNITS, auto_image_strides, image_spans, units_to_positions, v2pe_position_units
 
@@ -36,10 +37,26 @@ logger = logging.get_logger(__name__)
 
 PLUGIN_AUTO_MAP = {
     "AutoConfig": "configuration_internvl3.InternVL3Config",
-    "AutoModel": "modeling_internvl3.InternVL3Model",
+    # As in official checkpoints, `AutoModel` is the chat model: evaluation harnesses load it and call `chat`.
+    "AutoModel": "modeling_internvl3.InternVL3ForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_internvl3.InternVL3ForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_internvl3.InternVL3ForConditionalGeneration",
 }
+
+
+def official_attention(use_flash_attn: bool) -> str:
+    """The attention the official `InternVLChatModel(use_flash_attn=...)` picks: FlashAttention-2 when asked for
+    and installed, else eager (its fallback without FlashAttention)."""
+    return "flash_attention_2" if use_flash_attn and is_flash_attn_2_available() else "eager"
+
+
+def check_load_in_8bit(load_in_8bit: bool) -> None:
+    """`load_in_8bit=False` (VLMEvalKit's default) is a no-op; quantization goes through `quantization_config`."""
+    if load_in_8bit:
+        raise ValueError(
+            "load_in_8bit=True is not a from_pretrained argument in transformers 5: pass "
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead (needs bitsandbytes)."
+        )
 
 
 def pixel_unshuffle(features: torch.Tensor, ratio: float, ps_version: str = "v2") -> torch.Tensor:
@@ -468,14 +485,25 @@ def _cached_next_position(past_key_values: Cache | None, device: torch.device) -
     return last_positions[:, -1] + 1
 
 
-class InternVL3ForConditionalGeneration(InternVL3PreTrainedModel, GenerationMixin, InternVLChatMixin):
+class InternVL3ForConditionalGeneration(
+    InternVL3PreTrainedModel, GenerationMixin, InternVLChatMixin, InternVLCriticMixin
+):
     """InternVL3 with the language-modelling head; `generate` feeds images on prefill only; `chat`/`batch_chat`
     follow the official OpenGVLab API."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
-    def __init__(self, config: InternVL3Config):
+    def __init__(self, config: InternVL3Config, use_flash_attn: bool | None = None, load_in_8bit: bool = False):
+        r"""
+        use_flash_attn (`bool`, *optional*):
+            The official loading keyword (lmms-eval passes it): picks the attention as `InternVLChatModel` does.
+        load_in_8bit (`bool`, defaults to `False`):
+            VLMEvalKit passes `False`; `True` asks for `quantization_config` instead.
+        """
+        check_load_in_8bit(load_in_8bit)
+        if use_flash_attn is not None:
+            config._attn_implementation = official_attention(use_flash_attn)
         super().__init__(config)
         self.model = InternVL3Model(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)

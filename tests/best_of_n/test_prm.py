@@ -9,6 +9,7 @@ import torch
 
 from internvl3_hf.best_of_n import (
     PRM_SYSTEM_PROMPT,
+    ImplicitPRM,
     VisualPRM,
     aggregate_step_scores,
     critic_messages,
@@ -160,7 +161,7 @@ def full_row_scores(critic: VisualPRM, processor, question: str, response: str, 
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == encoded.input_ids
     with torch.no_grad():
-        logits = critic.model(**inputs).logits[0, encoded.read_positions][:, [critic.good_id, critic.bad_id]]
+        logits = critic.model(**inputs).logits[0, encoded.read_positions][:, [critic.reader.good_id, critic.reader.bad_id]]
     return logits.softmax(-1)[:, 0].tolist()
 
 
@@ -267,3 +268,75 @@ def test_bad_input_gets_clear_errors(critic, processor, model_factory, image):
         VisualPRM(critic.model, processor, batch_size=0)
     with pytest.raises(ValueError, match="max_steps"):
         VisualPRM(critic.model, processor, max_steps=0)
+
+
+# --------------------------------------------------------------------------------------------- defaults
+def test_scoring_merges_no_steps_by_default_as_the_official_scoring_api(critic, processor, model_factory):
+    thirteen = "\n\n".join(f"part {i}" for i in range(13))  # the data pipeline's max_steps=12 would merge these
+    assert VisualPRM(critic.model, processor).max_steps is None
+    assert critic.tokenize(QUESTION, thirteen, [3]).steps == thirteen.split("\n\n")
+    assert ImplicitPRM(critic.model, model_factory(seed=1), processor).max_steps is None
+    assert split_steps(thirteen) == thirteen.split("\n\n")
+
+
+# --------------------------------------------------------------------------------------------- official API
+def _tiles(processor, images):
+    tiled = processor.image_processor(images, return_tensors="pt")
+    return tiled["pixel_values"], tiled["image_num_patches"].tolist()
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_select_best_response_ranks_by_the_visualprm_scores(critic, processor, image, num_images):
+    """The checkpoint's own `select_best_response` (official signature) scores as `VisualPRM`, best first."""
+    images = [image, image.rotate(90, expand=True)][:num_images]
+    expected = [score.score for score in critic.score(QUESTION, RESPONSES, images or None)]
+    pixel_values, num_patches_list = _tiles(processor, images) if images else (None, None)
+    lines = "".join(f"Image-{index + 1}: <image>\n" for index in range(num_images)) if num_images > 1 else ""
+    ranked = critic.model.select_best_response(
+        tokenizer=processor.tokenizer,
+        question=lines + QUESTION,
+        response_list=RESPONSES,
+        pixel_values=pixel_values,
+        num_patches_list=num_patches_list,
+        return_scores=True,
+    )
+    order = sorted(range(len(RESPONSES)), key=lambda index: -expected[index])
+    assert [response for response, _ in ranked] == [RESPONSES[index] for index in order]
+    torch.testing.assert_close(
+        torch.tensor([score for _, score in ranked]), torch.tensor([expected[i] for i in order]), atol=1e-5, rtol=0
+    )
+    plain = critic.model.select_best_response(processor.tokenizer, lines + QUESTION, RESPONSES, pixel_values,
+                                              num_patches_list)  # fmt: skip
+    assert plain == [RESPONSES[index] for index in order]
+
+
+def test_select_best_response_versions_steps_and_ties(critic, processor, image):
+    pixel_values, tiles = _tiles(processor, [image])
+    model, tokenizer = critic.model, processor.tokenizer
+    orm = [score.score for score in critic.score(QUESTION, RESPONSES, image, orm=True)]
+    ranked = model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, tiles, version="orm_soft",
+                                        return_scores=True)  # fmt: skip
+    assert sorted(score for _, score in ranked) == pytest.approx(sorted(orm), abs=1e-5)
+    soft = model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, version="soft", return_scores=True)
+    soft_v2 = model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, return_scores=True)
+    assert soft == soft_v2  # num_patches_list defaults to all tiles for one image
+    critic.max_steps = 4
+    merged = {score.steps[0]: score.score for score in critic.score(QUESTION, RESPONSES, image)}
+    for response, score in model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, max_steps=4,
+                                                      return_scores=True):  # fmt: skip
+        assert score == pytest.approx(merged[split_steps(response, 4)[0]], abs=1e-5)
+    twice = model.select_best_response(tokenizer, QUESTION, ["same", "same"], pixel_values, return_scores=True)
+    assert twice[0][1] == twice[1][1]  # equal scores keep their order, as Python's sorted(reverse=True) does
+
+
+def test_select_best_response_refuses_bad_input(critic, processor, image):
+    pixel_values, tiles = _tiles(processor, [image])
+    model, tokenizer = critic.model, processor.tokenizer
+    with pytest.raises(ValueError, match="hard"):
+        model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, version="hard")
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.select_best_response(tokenizer, QUESTION, [], pixel_values)
+    with pytest.raises(ValueError, match="sums to"):
+        model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, num_patches_list=[1])
+    with pytest.raises(ValueError, match="placeholders"):
+        model.select_best_response(tokenizer, "<image>\n<image>\n" + QUESTION, RESPONSES, pixel_values, tiles)

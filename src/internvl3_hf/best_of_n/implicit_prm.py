@@ -21,15 +21,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..chat import build_messages
 from .prm import (
-    DEFAULT_MAX_STEPS,
     STEP_SEPARATOR,
     CriticScore,
-    _pad,
     aggregate_step_scores,
     as_image_list,
     check_critic_text,
     check_scoring_settings,
-    rope_positions,
+    pad_rows,
+    row_positions,
     split_steps,
 )
 
@@ -43,7 +42,8 @@ class ImplicitPRM:
         reference: The model it was trained from (the trainer's reference model), in eval mode.
         processor: Their `InternVL3Processor`; responses are read in the policy's own chat format.
         beta: The β of the training loss (`MPOConfig.beta`): rewards are β × log-ratios.
-        max_steps: Merge a response into at most this many steps (VisualPRM's rule); `None` keeps every step.
+        max_steps: Merge a response into at most this many steps (VisualPRM's rule); `None` (default) keeps every
+            step.
         aggregation: How step scores become a response score: `mean`, `min`, `last` or `product`.
         batch_size: Responses per forward pass.
         system: System message of the policy conversation (the chat template default when `None`).
@@ -56,7 +56,7 @@ class ImplicitPRM:
         processor,
         *,
         beta: float = 0.1,
-        max_steps: int | None = DEFAULT_MAX_STEPS,
+        max_steps: int | None = None,
         aggregation: str = "mean",
         batch_size: int = 8,
         system: str | None = None,
@@ -148,9 +148,11 @@ class ImplicitPRM:
         `features`: the question's image features under the critic and under the reference (or None each)."""
         device = self.model.device
         # Left padding: every response ends at the last column, so only the response logits need computing.
-        input_ids, attention_mask = _pad([prompt_ids + ids for ids, _ in rows], self.pad_id, "left", torch.long, device)
+        input_ids, attention_mask = pad_rows(
+            [prompt_ids + ids for ids, _ in rows], self.pad_id, "left", torch.long, device
+        )
         keep = max(len(ids) for ids, _ in rows) + 1
-        positions = rope_positions(self.model, input_ids, attention_mask)
+        positions = row_positions(self.model, input_ids, attention_mask)
         ratio = self._token_logprobs(self.model, input_ids, attention_mask, positions, features[0], keep)
         ratio = ratio - self._token_logprobs(self.reference, input_ids, attention_mask, positions, features[1], keep)
         scores = []
@@ -162,15 +164,16 @@ class ImplicitPRM:
         return scores
 
     @staticmethod
-    def _token_logprobs(model, input_ids, attention_mask, positions, features, keep: int) -> torch.Tensor:
+    def _token_logprobs(model, input_ids, attention_mask, positions: tuple, features, keep: int) -> torch.Tensor:
         """log P(token) of the last `keep - 1` tokens of each row under `model`, `(batch, keep - 1)`, float32;
-        `features` (the question's image features under `model`, or None) serve every row."""
+        `positions`: `(position_ids, rope_position_ids)`; `features` (the question's image features under `model`, or
+        None) serve every row."""
         images = None
         if features is not None:
             images = {"image": BaseModelOutputWithPooling(pooler_output=features.repeat(input_ids.shape[0], 1, 1))}
         logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, mm_encoder_outputs=images,
-            logits_to_keep=keep,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions[0],
+            rope_position_ids=positions[1], mm_encoder_outputs=images, logits_to_keep=keep,
         ).logits.float()  # fmt: skip
         targets = input_ids[:, -(keep - 1) :]
         return logits[:, :-1].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

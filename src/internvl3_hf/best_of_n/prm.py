@@ -11,7 +11,9 @@ The critic reads the official multi-turn conversation the VisualPRM data pipelin
     ...
 
 A step's score is P(`+`) renormalised over {`+`, `-`} at the position where the assistant answers that step,
-with every earlier answer teacher-forced to `+` (VisualPRM's `InternVLRewardModel`). Two ways to get it:
+with every earlier answer teacher-forced to `+` (VisualPRM's `InternVLRewardModel`). The conversation, the step
+split and the score reading live in `modeling/critic_internvl3.py`, which checkpoints carry for the official
+`select_best_response`; this module adds batching and prefix caching. Two ways to get a step's score:
 
 - `single_forward` (official `soft_v2`): the whole conversation in one pass, logits read at every answer position.
 - `per_step` (official `soft`): one pass per step, each continuing the previous ones through the KV cache, logits
@@ -24,8 +26,7 @@ goes through the critic once: its KV cache serves every candidate row, which the
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Literal
@@ -34,76 +35,27 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-# Verbatim `PRM_SYSTEM_PROMPT` of `internvl_chat/tools/reasoning_data_pipeline/utils/constants.py`.
-PRM_SYSTEM_PROMPT = """\
-You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide a \
-problem statement followed by the first step of the solution process. For each subsequent turn, I will give you a \
-new step in the solution. Your role is to assess whether the solution process is correct up to the current step.
+from ..chat import user_turn
+from ..modeling import critic_internvl3 as core
+from ..modeling.critic_internvl3 import (
+    AGGREGATIONS,
+    IMAGE_PLACEHOLDER,
+    PRM_SYSTEM_PROMPT,
+    STEP_SEPARATOR,
+    AnswerReader,
+    aggregate_step_scores,
+    check_max_steps,
+    split_steps,
+)
 
-- In the **first round**, I will input the problem and the first step of the solution process.
-- In **each subsequent round**, I will provide the next step in the solution.
-
-For each step, you should:
-
-- Respond with **"+"** if you believe the solution process is correct up to this step.
-- Respond with **"-"** if you detect any issues or errors in the process up to this step.
-
-Please note:
-- Only respond with **"+"** or **"-"**. Do not provide any additional explanations, comments, or justifications.
-
-Your task is to verify the accuracy and correctness of each step in the given solution process."""
-
-STEP_SEPARATOR = "\n\n"
-DEFAULT_MAX_STEPS = 12  # `--max-steps` default of the official VisualPRM data pipeline
-GOOD, BAD = "+", "-"
-IMAGE_PLACEHOLDER = "<image>"
+# The official VisualPRM data pipeline's `--max-steps` (how its training solutions were merged). Scoring merges
+# nothing by default, as the official `select_best_response` does.
+DEFAULT_MAX_STEPS = 12
 # Text that would break the conversation or the image-token bookkeeping if it appeared inside a question or step.
 _RESERVED_STRINGS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 
 ScoringMode = Literal["single_forward", "per_step"]
 SCORING_MODES = ("single_forward", "per_step")
-
-
-# --------------------------------------------------------------------------------------------- steps and scores
-def _check_max_steps(max_steps: int | None) -> None:
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive int or None (no merging), got {max_steps!r}.")
-
-
-def split_steps(
-    response: str, max_steps: int | None = DEFAULT_MAX_STEPS, separator: str = STEP_SEPARATOR
-) -> list[str]:
-    """Split a response into reasoning steps with the official VisualPRM rule (`split_response`).
-
-    Steps are the pieces between `separator` (a blank line). With more than `max_steps` pieces, consecutive pieces
-    are merged in groups of ceil(n / max_steps), re-joined with the separator (so 13 pieces and max_steps=12 give
-    7 steps of 2). Nothing is stripped: a trailing blank line leaves an empty last step, as in VisualPRM training.
-    """
-    _check_max_steps(max_steps)
-    if not separator:
-        raise ValueError("The step separator must be a non-empty string.")
-    pieces = response.split(separator)
-    if max_steps is None:
-        return pieces
-    group = math.ceil(len(pieces) / max_steps)
-    return [separator.join(pieces[start : start + group]) for start in range(0, len(pieces), group)]
-
-
-AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
-    "mean": lambda scores: sum(scores) / len(scores),  # VisualPRM's `generate_overall_score` for soft scores
-    "min": min,
-    "last": lambda scores: scores[-1],
-    "product": math.prod,
-}
-
-
-def aggregate_step_scores(step_scores: Sequence[float], method: str = "mean") -> float:
-    """One response score from its step scores: `mean` (official), `min`, `last` or `product`."""
-    if method not in AGGREGATIONS:
-        raise ValueError(f"Unknown aggregation {method!r}; choose one of {sorted(AGGREGATIONS)}.")
-    if len(step_scores) == 0:
-        raise ValueError("Cannot aggregate an empty list of step scores.")
-    return float(AGGREGATIONS[method](list(step_scores)))
 
 
 # --------------------------------------------------------------------------------------------- prompt
@@ -120,7 +72,7 @@ def check_scoring_settings(aggregation: str, batch_size: int, max_steps: int | N
         raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    _check_max_steps(max_steps)
+    check_max_steps(max_steps)
 
 
 def check_critic_text(text: str, what: str, *, placeholder_allowed: bool = False) -> None:
@@ -137,55 +89,38 @@ def check_critic_text(text: str, what: str, *, placeholder_allowed: bool = False
 
 
 def critic_messages(question: str, steps: Sequence[str], num_images: int = 1) -> list[dict]:
-    """The critic conversation: PRM system prompt, one user turn per step, each answered with `+`.
-
-    Images go right after `### Question:\\n` (`<image>\\n`, or `Image-k: <image>\\n` lines for several), where the
-    official pipeline puts them by prefixing the question.
-    """
-    if len(steps) == 0:
-        raise ValueError("A response needs at least one step.")
-    first = [{"type": "text", "text": "### Question:\n"}]
-    first += [{"type": "image"} for _ in range(num_images)]
-    first += [{"type": "text", "text": f"{question}\n\n### Solution Process:\n{steps[0]}"}]
-    messages = [{"role": "system", "content": PRM_SYSTEM_PROMPT}, {"role": "user", "content": first}]
-    for index, step in enumerate(steps):
-        if index > 0:
-            messages.append({"role": "user", "content": step})
-        messages.append({"role": "assistant", "content": GOOD})
-    return messages
+    """The critic conversation for `question` about `num_images` images: the images go right after
+    `### Question:\\n` (`<image>\\n`, or `Image-k: <image>\\n` lines for several), where the official pipeline puts
+    them by prefixing the question."""
+    return core.critic_messages(user_turn(question, num_images)["content"], steps)
 
 
 def render_critic_prompt(processor, question: str, steps: Sequence[str], num_images: int = 1) -> str:
-    """The critic conversation rendered with the processor's (official `internvl2_5`) chat template."""
-    return processor.apply_chat_template(critic_messages(question, steps, num_images), tokenize=False)
+    """The critic conversation rendered with the official `internvl2_5` chat template."""
+    return core.render_critic_prompt(processor.tokenizer, user_turn(question, num_images)["content"], steps)
 
 
 def expand_image_placeholders(text: str, tiles_per_image: Sequence[int], processor) -> str:
     """Replace the first `<image>` placeholders, in order, by each image's `<img>…</img>` token span."""
-    pieces = text.split(IMAGE_PLACEHOLDER, len(tiles_per_image))
-    if len(pieces) != len(tiles_per_image) + 1:
-        raise ValueError(
-            f"The prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(tiles_per_image)} images."
-        )
-    spans = [processor.image_span(int(tiles)) for tiles in tiles_per_image]
-    return "".join(piece + span for piece, span in zip(pieces, spans)) + pieces[-1]
+    return core.expand_image_placeholders(text, tiles_per_image, processor.image_span)
 
 
 # --------------------------------------------------------------------------------------------- model helpers
-def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Float rotary positions of a padded batch: V2PE positions under the model's V2PE setting, else 0, 1, 2, …
+def row_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(position_ids, rope_position_ids)` of a padded batch: integer positions 0, 1, 2, … for masks and kernels,
+    and the rotary positions (V2PE's under the model's V2PE setting, else the same as floats).
 
-    Computed once on the full conversations and handed to the model ready-made (float positions feed the rotary
-    embedding only), so that per-step chunks, left-padded and continuing a cache, sit exactly where they sit in
-    the single forward pass.
+    Computed once on the full conversations and handed to the model ready-made, so that per-step chunks,
+    left-padded and continuing a cache, sit exactly where they sit in the single forward pass.
     """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if model.config.v2pe_mode != "none":
-        positions, _ = model.model.v2pe_positions(input_ids == model.config.image_token_id, attention_mask)
-        return positions
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(torch.float32)
+        rope, _ = model.model.v2pe_positions(input_ids == model.config.image_token_id, attention_mask)
+        return position_ids, rope
+    return position_ids, position_ids.to(torch.float32)
 
 
-def _pad(rows: Sequence, value, side: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence, value, side: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad lists (or 1-D tensors) into a `(batch, longest)` tensor and its 0/1 mask."""
     length = max((len(row) for row in rows), default=0)
     values = torch.full((len(rows), length), value, dtype=dtype, device=device)
@@ -197,13 +132,6 @@ def _pad(rows: Sequence, value, side: str, dtype: torch.dtype, device) -> tuple[
         values[index, span] = torch.as_tensor(row, dtype=dtype, device=device)
         mask[index, span] = 1
     return values, mask
-
-
-def _single_token_id(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"The critic tokenizer splits {text!r} into {len(ids)} tokens; VisualPRM needs one token.")
-    return ids[0]
 
 
 # --------------------------------------------------------------------------------------------- scorer
@@ -233,7 +161,8 @@ class VisualPRM:
         model: An `InternVL3ForConditionalGeneration` in eval mode (for example VisualPRM-8B loaded through the
             plugin); its V2PE setting and attention implementation apply.
         processor: Its `InternVL3Processor` (tiling, `<image>` expansion and the `internvl2_5` chat template).
-        max_steps: Merge a response into at most this many steps (official rule); `None` keeps every step.
+        max_steps: Merge a response into at most this many steps (official rule); `None` (the official scoring
+            default) keeps every step.
         aggregation: How step scores become a response score: `mean` (official), `min`, `last` or `product`.
         batch_size: Candidate conversations per critic forward pass.
         mode: `single_forward` (all steps in one pass, default) or `per_step` (one cached pass per step).
@@ -244,7 +173,7 @@ class VisualPRM:
         model,
         processor,
         *,
-        max_steps: int | None = DEFAULT_MAX_STEPS,
+        max_steps: int | None = None,
         aggregation: str = "mean",
         batch_size: int = 8,
         mode: ScoringMode = "single_forward",
@@ -259,15 +188,8 @@ class VisualPRM:
         self.batch_size = batch_size
         self.mode = mode
         tokenizer = processor.tokenizer
-        self.good_id = _single_token_id(tokenizer, GOOD)
-        self.bad_id = _single_token_id(tokenizer, BAD)
+        self.reader = AnswerReader(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id works
-        # Each answer is `<|im_start|>assistant\n` `+` `<|im_end|>`; the logits that predict `+` sit on the last
-        # header token. Tokenizing the header alone must give the same tokens, or per-step prefixes would differ.
-        self._header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-        self._answer_pattern = self._header + [self.good_id, _single_token_id(tokenizer, "<|im_end|>")]
-        if tokenizer.encode("<|im_start|>assistant\n+<|im_end|>", add_special_tokens=False) != self._answer_pattern:
-            raise ValueError("The critic tokenizer merges the assistant header with `+`: not an InternVL3 tokenizer.")
 
     # ----------------------------------------------------------------------------------------- public API
     def score(
@@ -352,19 +274,10 @@ class VisualPRM:
         text = render_critic_prompt(self.processor, question, steps, len(tiles_per_image))
         text = expand_image_placeholders(text, tiles_per_image, self.processor)
         input_ids = self.processor.tokenizer(text)["input_ids"]
-        read_positions = self._read_positions(input_ids)
+        read_positions = self.reader.read_positions(input_ids)
         if len(read_positions) != len(steps):
             raise ValueError(f"Found {len(read_positions)} answer turns for {len(steps)} steps in the critic prompt.")
         return CriticInput(steps, input_ids, read_positions)
-
-    def _read_positions(self, input_ids: list[int]) -> list[int]:
-        """Positions whose logits predict each step's answer: the last token of each answer turn's header."""
-        pattern, width = self._answer_pattern, len(self._answer_pattern)
-        return [
-            start + len(self._header) - 1
-            for start in range(len(input_ids) - width + 1)
-            if input_ids[start : start + width] == pattern
-        ]
 
     # ----------------------------------------------------------------------------------------- scoring
     def _score_question(
@@ -372,8 +285,8 @@ class VisualPRM:
     ) -> list[list[float]]:
         """Step scores of one question's rows: the shared prefix once, then the rest in batches (longest first)."""
         device = self.model.device
-        input_ids, mask = _pad([row.input_ids for row in rows], self.pad_id, "right", torch.long, device)
-        positions = rope_positions(self.model, input_ids, mask)
+        input_ids, mask = pad_rows([row.input_ids for row in rows], self.pad_id, "right", torch.long, device)
+        position_ids, positions = row_positions(self.model, input_ids, mask)
         image_mask = input_ids[0] == self.model.config.image_token_id
         shared = _shared_prefix_length(rows, input_ids, positions, image_mask)
         images = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features is not None else None
@@ -384,7 +297,8 @@ class VisualPRM:
             self.model.model(
                 input_ids=input_ids[:1, :shared],
                 attention_mask=mask[:1, :shared],
-                position_ids=positions[:1, :shared],
+                position_ids=position_ids[:1, :shared],
+                rope_position_ids=positions[:1, :shared],
                 past_key_values=prefix_cache,
                 use_cache=True,
                 mm_encoder_outputs=images if images_in_prefix else None,
@@ -398,6 +312,7 @@ class VisualPRM:
                 rows=[rows[index] for index in indices],
                 input_ids=input_ids[indices],
                 mask=mask[indices],
+                position_ids=position_ids[indices],
                 positions=positions[indices],
                 shared=shared,
                 cache=_repeat_cache(prefix_cache, len(indices)),
@@ -409,8 +324,7 @@ class VisualPRM:
 
     def _good_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(`+`) renormalised over {`+`, `-`} from final hidden states `(n, hidden)`."""
-        logits = self.model.get_output_embeddings()(hidden)[:, [self.good_id, self.bad_id]].float()
-        return logits.softmax(-1)[:, 0]
+        return self.reader.good_probability(self.model.get_output_embeddings()(hidden))
 
     def _score_single_forward(self, batch: _Batch) -> list[list[float]]:
         """Everything after the shared prefix in one pass; logits read at every answer position."""
@@ -418,7 +332,8 @@ class VisualPRM:
         hidden = self.model.model(
             input_ids=batch.input_ids[:, batch.shared : end],
             attention_mask=batch.mask[:, :end],
-            position_ids=batch.positions[:, batch.shared : end],
+            position_ids=batch.position_ids[:, batch.shared : end],
+            rope_position_ids=batch.positions[:, batch.shared : end],
             past_key_values=batch.cache,
             mm_encoder_outputs=batch.images,
         ).last_hidden_state
@@ -443,11 +358,15 @@ class VisualPRM:
         scores: list[list[float]] = [[] for _ in batch.rows]
         for step in range(max(len(row.steps) for row in batch.rows)):
             bounds = [_chunk_bounds(row, step, batch.shared) for row in batch.rows]
-            chunk_ids, chunk_mask = _pad(
+            chunk_ids, chunk_mask = pad_rows(
                 [row.input_ids[start:end] for row, (start, end) in zip(batch.rows, bounds)],
                 self.pad_id, "left", torch.long, device,
             )  # fmt: skip
-            chunk_positions, _ = _pad(
+            chunk_position_ids, _ = pad_rows(
+                [batch.position_ids[index, start:end] for index, (start, end) in enumerate(bounds)],
+                0, "left", torch.long, device,
+            )  # fmt: skip
+            chunk_positions, _ = pad_rows(
                 [batch.positions[index, start:end] for index, (start, end) in enumerate(bounds)],
                 0.0, "left", batch.positions.dtype, device,
             )  # fmt: skip
@@ -455,7 +374,8 @@ class VisualPRM:
             hidden = self.model.model(
                 input_ids=chunk_ids,
                 attention_mask=seen_mask,
-                position_ids=chunk_positions,
+                position_ids=chunk_position_ids,
+                rope_position_ids=chunk_positions,
                 past_key_values=cache,
                 use_cache=True,
                 mm_encoder_outputs=batch.images if step == 0 else None,  # image tokens all sit in the first chunk
@@ -472,12 +392,14 @@ class _Batch:
     """Candidate rows of one question scored together, in full-row (right-padded) coordinates.
 
     `shared` leading tokens are common to every row and already in `cache` (a per-batch copy of the prefix
-    cache); `images` holds the rows' image features when no prefix took them.
+    cache); `images` holds the rows' image features when no prefix took them. `position_ids` are the integer
+    positions, `positions` the rotary ones.
     """
 
     rows: list[CriticInput]
     input_ids: torch.Tensor
     mask: torch.Tensor
+    position_ids: torch.Tensor
     positions: torch.Tensor
     shared: int
     cache: DynamicCache | None
@@ -533,12 +455,14 @@ __all__ = [
     "CriticScore",
     "DEFAULT_MAX_STEPS",
     "PRM_SYSTEM_PROMPT",
+    "STEP_SEPARATOR",
     "VisualPRM",
     "aggregate_step_scores",
     "as_image_list",
     "critic_messages",
     "expand_image_placeholders",
+    "pad_rows",
     "render_critic_prompt",
-    "rope_positions",
+    "row_positions",
     "split_steps",
 ]

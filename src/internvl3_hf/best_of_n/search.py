@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..chat import build_messages
-from .prm import VisualPRM, as_image_list, check_critic_text
+from .critic import Critic
+from .prm import as_image_list, check_critic_text
 
 STRATEGIES = ("prm", "orm", "prm_vote", "majority")
 
@@ -243,7 +244,7 @@ def _questions_and_images(question: str | Sequence[str], images) -> tuple[list[s
 def best_of_n(
     model,
     processor,
-    critic: VisualPRM | None,
+    critic: Critic | None,
     images,
     question: str | Sequence[str],
     n: int = 8,
@@ -260,7 +261,8 @@ def best_of_n(
     Args:
         model: The policy, an `InternVL3ForConditionalGeneration`.
         processor: Its `InternVL3Processor`.
-        critic: A `VisualPRM` (needed by `prm` and `orm`; may be `None` for `majority`).
+        critic: A `Critic` such as `VisualPRM` or `ImplicitPRM` (needed by `prm` and `orm`; may be `None` for
+            `majority`).
         images: The question's image(s) (PIL images or paths; `None` for text only). With a list of questions,
             one entry per question.
         question: A question, or a list of questions answered in one batched `generate`.
@@ -300,7 +302,7 @@ def best_of_n(
 
 
 def _score_candidates(
-    critic: VisualPRM, questions: list[str], image_lists: list[list], candidates: list[list[Candidate]], orm: bool
+    critic: Critic, questions: list[str], image_lists: list[list], candidates: list[list[Candidate]], orm: bool
 ) -> None:
     """Fill steps, step scores and scores in place; one critic call for every non-empty candidate of every question."""
     for group in candidates:
