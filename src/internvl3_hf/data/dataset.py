@@ -8,6 +8,7 @@ from collections import Counter
 from torch.utils.data import Dataset
 
 from .encoding import EncodedSample, SupervisedEncoder
+from .errors import drop_reason
 from .packing import pack_samples
 from .sources import DataError, Sample
 
@@ -65,7 +66,7 @@ class SFTDataset(Dataset):
     def _report(self, error: DataError) -> None:
         if self.on_error == "raise":
             raise error
-        self.dropped[_reason(error)] += 1
+        self.dropped[drop_reason(error)] += 1
         logger.warning("dropped sample: %s", error)
 
     def __len__(self) -> int:
@@ -84,19 +85,4 @@ class SFTDataset(Dataset):
         raise RuntimeError("Every training sample failed to load; see the warnings above.")
 
 
-def _reason(error: DataError) -> str:
-    """A short category of a data error, for the drop counts."""
-    text = str(error).split(": ", 1)[-1]  # after the origin: a path must not decide the reason
-    for key, reason in (
-        ("does not exist", "missing image"),
-        ("not a readable image", "corrupt image"),
-        ("Could not decode", "corrupt image"),
-        ("placeholder", "placeholder count"),
-        ("unknown role", "unknown role"),
-        ("empty", "empty conversation"),
-        ("exceed max_length", "too long"),
-        ("no assistant answer", "nothing to learn"),
-    ):
-        if key in text:
-            return reason
-    return "other"
+_reason = drop_reason  # the name mpo.data imports until it imports drop_reason from data.errors
