@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from internvl3_hf import InternVL3ForConditionalGeneration, InternVL3Processor
 from internvl3_hf.cli import main
-from internvl3_hf.demo_chat import draw_demo_image, write_tiny_checkpoint
+from internvl3_hf.demo.chat import draw_demo_image, write_tiny_checkpoint
 from internvl3_hf.formats.convert import detect_format, load_checkpoint, load_processor
 
 MODELING_FILES = {

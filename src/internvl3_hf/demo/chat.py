@@ -1,5 +1,6 @@
-"""`internvl3-hf demo`: build a tiny InternVL3 locally, save it as a plugin checkpoint, load it back through the Auto
-classes and chat with it about a generated image. The weights are random: this shows the pipeline, not skill."""
+"""`internvl3-hf demo --chat-only`: build a tiny InternVL3 locally, save it as a plugin checkpoint, load it back
+through the Auto classes and chat with it about a generated image. The weights are random: this shows the pipeline,
+not skill."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .chat import build_messages, chat
-from .modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from .processing import processor_for_config
-from .tiny import build_tiny_tokenizer, tiny_config
+from ..chat import build_messages, chat
+from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
+from ..processing import processor_for_config
+from ..tiny import build_tiny_tokenizer, tiny_config
 
 QUESTION = "What colour is the square?"
 
