@@ -22,7 +22,7 @@ DDP_SPLITS = ((2, 1), (1, 2))
 WEIGHTINGS = ("square", "sample")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # two processes: ~20 s per test
 
 
 def launch(output_dir: Path, mode: str, timeout: int = 300) -> None:

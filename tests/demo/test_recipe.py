@@ -12,6 +12,8 @@ from internvl3_hf.cli import main
 from internvl3_hf.demo import recipe
 from internvl3_hf.demo.report import format_table
 
+pytestmark = pytest.mark.slow  # the whole --fast recipe: ~2.5 min on a CPU
+
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
@@ -23,12 +25,10 @@ def fast_run(tmp_path_factory):
         captured["report"] = original(*args, **kwargs)
         return captured["report"]
 
-    recipe.run_recipe = keep_report
     before = logging.getLogger("internvl3_hf").level, hf_logging.get_verbosity()
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the module-scoped twin of the `monkeypatch` fixture
+        patch.setattr(recipe, "run_recipe", keep_report)
         assert main(["demo", "--fast", "--output", str(output)]) == 0
-    finally:
-        recipe.run_recipe = original
     # The demo quiets the libraries for its own run only.
     assert (logging.getLogger("internvl3_hf").level, hf_logging.get_verbosity()) == before
     return captured["report"], output
