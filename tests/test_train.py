@@ -25,7 +25,7 @@ def test_recipe_overrides_and_unknown_sections(tmp_path):
     recipe = load_recipe(RECIPE, ["training.max_steps=3", "data.loss_weighting=sample"])
     assert recipe["training"]["max_steps"] == 3 and recipe["data"]["loss_weighting"] == "sample"
     (tmp_path / "bad.yaml").write_text("modle: {}\n")
-    with pytest.raises(ValueError, match="Unknown recipe sections"):
+    with pytest.raises(ValueError, match=r"unknown recipe key 'modle' \(did you mean 'model'\?\)"):
         load_recipe(tmp_path / "bad.yaml")
 
 

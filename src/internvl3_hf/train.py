@@ -1,78 +1,178 @@
-"""SFT / native pre-training from one YAML recipe: model, freezing, LoRA, data, `Trainer`.
+"""Trainers from recipes: `build_trainer` (SFT / native pre-training) and `build_mpo_trainer` (MPO), side by side.
 
-`internvl3-hf train --config recipes/tiny_cpu_sft.yaml` (or `accelerate launch -m internvl3_hf.cli train ...`)
-calls `run_training`, which a Python user can call the same way with a dict.
-
-Sections: `model` (checkpoint, dtype, attention, V2PE, freezing), `lora`, `data` (sources, lengths, packing,
-`loss_weighting`) and `training`: `TrainingArguments` fields plus `fused_lm_head` (default true: the loss goes through
-TRL's fused LM head and never materialises `(batch, seq, vocab)` logits; false computes it from full logits) and
-`compile_blocks` (default false: true compiles every LLM decoder layer and ViT encoder layer with `torch.compile`,
-dynamic shapes; a mapping passes `language`/`vision` flags and `torch.compile` arguments, e.g. `{backend: aot_eager}`
-on a machine without a C++ compiler; see `internvl3_hf.compile`. Not `torch_compile`, which compiles the whole model).
+Each takes a recipe dict (as `load_recipe` returns, or written in Python) or its typed form (`SFTRecipe`,
+`MPORecipe`; see `internvl3_hf.recipes` for every section and key), checks it, and returns the configured trainer
+without starting it; `run_training` / `run_mpo` also train and save. `internvl3-hf train|mpo --config RECIPE` call
+them. Both share the model loading, freezing, LoRA and data-source steps below.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from .compile import compile_blocks
 from .data import SFTCollator, SFTDataset, SupervisedEncoder, mix_sources, read_official_meta, samples_from_hf_dataset
 from .data.sources import Sample, Source, read_official_jsonl
 from .data.synthetic import synthetic_samples
+from .errors import UserError, require_checkpoint
 from .formats.convert import load_checkpoint, load_processor
 from .modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
 from .processing import processor_for_config
+from .recipes import (
+    LLM_LORA_TARGETS,
+    VISION_LORA_TARGETS,
+    DataArgs,
+    LoraArgs,
+    ModelArgs,
+    MPORecipe,
+    RecipeError,
+    SFTDataArgs,
+    SFTRecipe,
+    SourceArgs,
+    load_recipe,
+    lora_config,
+    parse_section,
+)
 from .sft import InternVL3Trainer
 from .tiny import build_tiny_tokenizer, tiny_config
 
+if TYPE_CHECKING:  # TRL's DPOTrainer is imported when an MPO trainer is built
+    from .mpo.data import PreferencePair
+    from .mpo.trainer import MPOTrainer
+
 logger = logging.getLogger(__name__)
 
-LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-VISION_LORA_TARGETS = r".*vision_tower\.encoder\.layer\.\d+\.(attention\.(q|k|v)_proj|attention\.projection_layer|mlp\.fc[12])"
-RECIPE_SECTIONS = {"model", "lora", "data", "training"}
+__all__ = [
+    "LLM_LORA_TARGETS",
+    "VISION_LORA_TARGETS",
+    "apply_compile_blocks",
+    "apply_freezing",
+    "apply_lora",
+    "build_model_and_processor",
+    "build_mpo_trainer",
+    "build_preference_pairs",
+    "build_samples",
+    "build_trainer",
+    "load_recipe",
+    "read_recipe_sources",
+    "run_mpo",
+    "run_training",
+    "scale_vision_learning_rate",
+]
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
-    """A recipe dict from YAML, with `section.key=value` overrides (values parsed as YAML)."""
-    recipe = yaml.safe_load(Path(path).read_text()) or {}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if not _:
-            raise ValueError(f"Override {override!r} must look like section.key=value.")
-        *parents, leaf = key.split(".")
-        node = recipe
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(value)
-    unknown = set(recipe) - RECIPE_SECTIONS
-    if unknown:
-        raise ValueError(f"Unknown recipe sections {sorted(unknown)}; expected {sorted(RECIPE_SECTIONS)}.")
-    return recipe
+# --------------------------------------------------------------------------------------------------- builders
+def build_trainer(recipe: Mapping[str, Any] | SFTRecipe) -> InternVL3Trainer:
+    """The configured `InternVL3Trainer` (model, data, collator, arguments) without starting it."""
+    recipe = SFTRecipe.from_dict(recipe)
+    data, options = recipe.data, recipe.options
+    check_source_paths(data)
+    model, processor = build_model_and_processor(recipe.model)
+    apply_freezing(model, recipe.model)
+    if recipe.lora is not None:
+        model = apply_lora(model, recipe.lora)
+    encoder = SupervisedEncoder(processor, data.max_length, data.seed)
+    dataset = SFTDataset(
+        build_samples(data),
+        encoder,
+        max_packed_tokens=data.max_packed_tokens,
+        max_packed_tiles=data.max_packed_tiles,
+        on_error=data.on_error,
+    )
+    # torch.compile of each repeated block, before the trainer wraps the model (`torch_compile` would compile the
+    # whole model, whose data-dependent V2PE/packing code graph-breaks and recompiles).
+    apply_compile_blocks(model, options.compile_blocks)
+    trainer = InternVL3Trainer(
+        model=model,
+        args=recipe.training_arguments(),
+        train_dataset=dataset,
+        data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=data.max_packed_tokens is not None),
+        processing_class=processor,
+        loss_weighting=data.loss_weighting,
+        fused_lm_head=options.fused_lm_head,
+    )
+    scale_vision_learning_rate(trainer, options.vision_lr_scale)
+    return trainer
 
 
-def build_model_and_processor(settings: dict) -> tuple[InternVL3ForConditionalGeneration, Any]:
+def build_mpo_trainer(recipe: Mapping[str, Any] | MPORecipe) -> MPOTrainer:
+    """The configured `MPOTrainer` (policy, reference, planned preference data) without starting it. With `lora`,
+    the reference is the adapter-disabled base; without, a frozen second load of the checkpoint (as the official
+    trainer), except for the tiny model, which TRL copies."""
+    from .mpo.data import PreferenceEncoder, plan_pairs, preference_dataset
+    from .mpo.trainer import MPOTrainer
+
+    recipe = MPORecipe.from_dict(recipe)
+    check_source_paths(recipe.data)
+    # The arguments first: under ZeRO-3 they make `from_pretrained` shard the weights while loading.
+    args = recipe.training_arguments()
+    model, processor = build_model_and_processor(recipe.model)
+    apply_freezing(model, recipe.model)
+    peft_config = lora_config(recipe.lora) if recipe.lora is not None else None
+    ref_model = None
+    if peft_config is None and recipe.model.name_or_path != "tiny":
+        ref_model, _ = build_model_and_processor(recipe.model)
+        ref_model.eval().requires_grad_(False)
+    encoder = PreferenceEncoder(processor, args.max_length, recipe.data.seed)
+    pairs, dropped = plan_pairs(build_preference_pairs(recipe.data), encoder, recipe.data.on_error)
+    if dropped:
+        logger.warning("dropped %d preference pairs: %s", sum(dropped.values()), dict(dropped))
+    trainer = MPOTrainer(
+        model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=preference_dataset(pairs),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    trainer.dropped = dropped
+    scale_vision_learning_rate(trainer, recipe.options.vision_lr_scale)
+    return trainer
+
+
+def run_training(recipe: Mapping[str, Any] | SFTRecipe, resume_from_checkpoint: str | bool | None = None) -> InternVL3Trainer:
+    """Train as the recipe says and save the result (plugin checkpoint, or the LoRA adapter) to `output_dir`."""
+    trainer = build_trainer(recipe)
+    dropped = trainer.train_dataset.dropped
+    if dropped:
+        logger.warning("dropped %d samples: %s", sum(dropped.values()), dict(dropped))
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model()
+    return trainer
+
+
+def run_mpo(recipe: Mapping[str, Any] | MPORecipe, resume_from_checkpoint: str | bool | None = None) -> MPOTrainer:
+    """Train as the recipe says and save the result (checkpoint, or the LoRA adapter) to `output_dir`."""
+    trainer = build_mpo_trainer(recipe)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model()
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------- model
+def build_model_and_processor(settings: ModelArgs | Mapping[str, Any]) -> tuple[InternVL3ForConditionalGeneration, Any]:
     """`name_or_path: tiny` builds the embedded tiny model; anything else is a checkpoint in any format."""
-    name = settings.get("name_or_path", "tiny")
-    overrides = {key: settings[key] for key in ("v2pe_mode", "v2pe_delta") if key in settings}
-    if name == "tiny":
+    settings = _typed(ModelArgs, settings, "model")
+    if settings.name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
-        torch.manual_seed(settings.get("seed", 0))
-        model = InternVL3ForConditionalGeneration(tiny_config(tokenizer, **overrides))
+        torch.manual_seed(settings.seed)
+        model = InternVL3ForConditionalGeneration(tiny_config(tokenizer, **settings.config_overrides))
         return model, processor_for_config(tokenizer, model.config)
-    kwargs = {"dtype": settings.get("dtype", "auto")}
-    if settings.get("attn_implementation"):
-        kwargs["attn_implementation"] = settings["attn_implementation"]
-    if settings.get("quantization") in ("4bit", "8bit"):
-        kwargs["quantization_config"] = _bitsandbytes_config(settings["quantization"])
+    name = settings.name_or_path
+    require_checkpoint(name, "model.name_or_path")
+    kwargs: dict[str, Any] = {"dtype": settings.dtype}
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if settings.quantization:
+        kwargs["quantization_config"] = _bitsandbytes_config(settings.quantization)
     model = load_checkpoint(name, **kwargs)
-    model.config.update(overrides)
+    model.config.update(settings.config_overrides)
     processor = load_processor(name, model.config) or processor_for_config(AutoTokenizer.from_pretrained(name), model.config)
     return model, processor
 
@@ -85,135 +185,33 @@ def _bitsandbytes_config(bits: str):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def apply_freezing(model: InternVL3ForConditionalGeneration, settings: dict) -> None:
+def apply_freezing(model: InternVL3ForConditionalGeneration, settings: ModelArgs | Mapping[str, Any]) -> None:
     """Official freeze flags: `freeze_vision` (`freeze_backbone`), `freeze_projector` (`freeze_mlp`),
     `freeze_llm`, and `unfreeze_vision_last_layers` k (train the last k ViT layers of a frozen ViT)."""
+    settings = _typed(ModelArgs, settings, "model")
     parts = {
         "freeze_vision": [model.model.vision_tower],
         "freeze_projector": [model.model.multi_modal_projector],
         "freeze_llm": [model.model.language_model, model.lm_head],
     }
     for flag, modules in parts.items():
-        if settings.get(flag):
+        if getattr(settings, flag):
             for module in modules:
                 module.requires_grad_(False)
-    last = int(settings.get("unfreeze_vision_last_layers", 0))
+    last = settings.unfreeze_vision_last_layers
     if last:
         for layer in model.model.vision_tower.encoder.layer[-last:]:
             layer.requires_grad_(True)
 
 
-def apply_lora(model, settings: dict):
-    """PEFT LoRA on the LLM and/or the ViT (official defaults: alpha = 2r, dropout 0.05)."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model, settings: LoraArgs | Mapping[str, Any]):
+    """PEFT LoRA on the LLM and/or the ViT (`lora_config`: official defaults alpha = 2r, dropout 0.05)."""
+    from peft import get_peft_model
 
-    target = settings.get("target", "llm")
-    patterns = {"llm": [LLM_LORA_TARGETS], "vision": [VISION_LORA_TARGETS], "both": [LLM_LORA_TARGETS, VISION_LORA_TARGETS]}
-    if target not in patterns:
-        raise ValueError(f"lora.target must be one of {sorted(patterns)}, got {target!r}.")
-    rank = int(settings.get("r", 16))
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=int(settings.get("alpha", 2 * rank)),
-        lora_dropout=float(settings.get("dropout", 0.05)),
-        target_modules="|".join(f"(?:{pattern})" for pattern in patterns[target]),
-        modules_to_save=settings.get("modules_to_save"),
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(settings))
 
 
-def build_samples(settings: dict) -> list[Sample]:
-    """Every source of the recipe, mixed by `repeat_time`; read errors are logged and counted."""
-    return read_recipe_sources(
-        settings,
-        read_meta=read_official_meta,
-        read_jsonl=read_official_jsonl,
-        from_hf=lambda dataset, name, source: samples_from_hf_dataset(dataset, name, bool(source.get("data_augment"))),
-        synthetic=lambda source: synthetic_samples(int(source.get("count", 8)), int(source.get("seed", 0))),
-    )
-
-
-def read_recipe_sources(
-    settings: dict,
-    *,
-    read_meta: Callable[[str], tuple[list[Source], list[str]]],
-    read_jsonl: Callable[[str, str, bool, int | None], tuple[list, list[str]]],
-    from_hf: Callable[[Any, str, dict], tuple[list, list[str]]],
-    synthetic: Callable[[dict], list],
-    noun: str = "records",
-) -> list:
-    """The recipe `data` section's `sources` (types official_meta, official_jsonl, hf, synthetic), each read by the
-    given reader (SFT samples or preference pairs), mixed by `repeat_time`; unreadable records logged and counted."""
-    sources, errors = [], []
-    for index, source in enumerate(settings.get("sources", [])):
-        kind = source.get("type")
-        name = source.get("name", f"{kind}[{index}]")
-        if kind == "official_meta":
-            meta_sources, meta_errors = read_meta(source["path"])
-            sources += meta_sources
-            errors += meta_errors
-            continue
-        if kind == "official_jsonl":
-            items, source_errors = read_jsonl(
-                source["path"], source.get("root", "."), bool(source.get("data_augment")), source.get("max_dynamic_patch")
-            )
-        elif kind == "hf":
-            from datasets import load_dataset, load_from_disk
-
-            path = source["path"]
-            dataset = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, split=source.get("split", "train"))
-            items, source_errors = from_hf(dataset, name, source)
-        elif kind == "synthetic":
-            items, source_errors = synthetic(source), []
-        else:
-            raise ValueError(f"Unknown data source type {kind!r}; use official_meta, official_jsonl, hf or synthetic.")
-        sources.append(Source(name, items, float(source.get("repeat_time", 1.0))))
-        errors += source_errors
-    for error in errors:
-        logger.warning("skipped record: %s", error)
-    if errors:
-        logger.warning("%d %s could not be read", len(errors), noun)
-    return mix_sources(sources, int(settings.get("seed", 0)))
-
-
-def build_trainer(recipe: dict) -> InternVL3Trainer:
-    """The configured `InternVL3Trainer` (model, data, collator, arguments) without starting it."""
-    model_settings, data_settings = recipe.get("model", {}), recipe.get("data", {})
-    model, processor = build_model_and_processor(model_settings)
-    apply_freezing(model, model_settings)
-    if recipe.get("lora"):
-        model = apply_lora(model, recipe["lora"])
-    encoder = SupervisedEncoder(processor, data_settings.get("max_length"), data_settings.get("seed", 0))
-    packed = data_settings.get("max_packed_tokens") is not None
-    dataset = SFTDataset(
-        build_samples(data_settings),
-        encoder,
-        max_packed_tokens=data_settings.get("max_packed_tokens"),
-        max_packed_tiles=data_settings.get("max_packed_tiles"),
-        on_error=data_settings.get("on_error", "drop"),
-    )
-    training = {"report_to": [], "remove_unused_columns": False, **recipe.get("training", {})}
-    # Not a TrainingArguments field: the loss through TRL's fused LM head, without (batch, seq, vocab) logits.
-    fused_lm_head = training.pop("fused_lm_head", True)
-    if not isinstance(fused_lm_head, bool):
-        raise TypeError(f"training.fused_lm_head must be true or false, got {fused_lm_head!r}.")
-    # Not a TrainingArguments field either: torch.compile of each repeated block (torch_compile compiles the whole
-    # model, whose data-dependent V2PE/packing code graph-breaks and recompiles).
-    apply_compile_blocks(model, training.pop("compile_blocks", False))
-    args = TrainingArguments(**training)
-    trainer = InternVL3Trainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=packed),
-        processing_class=processor,
-        loss_weighting=data_settings.get("loss_weighting", "square"),
-        fused_lm_head=fused_lm_head,
-    )
-    return trainer
-
-
-def apply_compile_blocks(model, setting) -> None:
+def apply_compile_blocks(model, setting: bool | dict | None) -> None:
     """`training.compile_blocks`: false/null (off), true (`compile_blocks(model)`), or a mapping of its keyword
     arguments (`language`, `vision`, and `torch.compile`'s, e.g. `backend`, `mode`)."""
     if setting is None or setting is False:
@@ -226,12 +224,129 @@ def apply_compile_blocks(model, setting) -> None:
     logger.info("compiled %d blocks with torch.compile", count)
 
 
-def run_training(recipe: dict, resume_from_checkpoint: str | bool | None = None) -> InternVL3Trainer:
-    """Train as the recipe says and save the result (plugin checkpoint, or the LoRA adapter) to `output_dir`."""
-    trainer = build_trainer(recipe)
-    dropped = trainer.train_dataset.dropped
-    if dropped:
-        logger.warning("dropped %d samples: %s", sum(dropped.values()), dict(dropped))
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    trainer.save_model()
-    return trainer
+def scale_vision_learning_rate(trainer: Trainer, scale: float) -> None:
+    """Train the vision tower at `scale` × the learning rate (the projector and the LLM at the full rate).
+
+    The trainer keeps its own optimizer (`args.optim`, its weight-decay split and scheduler); the ViT's parameters
+    only get param groups of their own, built when the trainer creates the optimizer (after PEFT wrapped the model).
+    A slow ViT under a fast projector keeps a randomly initialised or freshly unfrozen ViT from drifting while the
+    LLM learns to read it (the stage-1 "MLP warm-up" of LLaVA-style recipes freezes it instead).
+    """
+    if scale == 1.0:
+        return
+    optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise UserError(f"training.vision_lr_scale needs a plain torch optimizer; optim {trainer.args.optim!r} is not one.")
+    weight_decay = trainer.args.weight_decay
+
+    def build(model: torch.nn.Module, lr: float, **kwargs) -> torch.optim.Optimizer:
+        decayed = set(trainer.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault(("vision_tower" in name, name in decayed), []).append(parameter)
+        return optimizer_cls(
+            [
+                {"params": params, "lr": lr * (scale if vision else 1.0), "weight_decay": weight_decay if decay else 0.0}
+                for (vision, decay), params in groups.items()
+            ],
+            lr=lr,
+            **kwargs,
+        )
+
+    # transformers' optimizer-factory protocol: `create_optimizer` calls `factory()(model, **optimizer_kwargs)`.
+    trainer.optimizer_cls_and_kwargs = (lambda: build, optimizer_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- data
+def check_source_paths(data: DataArgs) -> None:
+    """Refuse a local source file that does not exist, before a model is loaded (Hub datasets are not checked)."""
+    for index, source in enumerate(data.sources):
+        if source.type in ("official_meta", "official_jsonl") and not Path(source.path).is_file():
+            raise UserError(f"data.sources.{index}.path: {source.path!r} does not exist (a {source.type} file).")
+        if source.type == "official_jsonl" and not Path(source.root).is_dir():
+            raise UserError(f"data.sources.{index}.root: {source.root!r} is not a directory.")
+
+
+def build_samples(settings: SFTDataArgs | Mapping[str, Any]) -> list[Sample]:
+    """Every source of the recipe's `data` section, mixed by `repeat_time`; read errors are logged and counted."""
+    settings = _typed(SFTDataArgs, settings, "data")
+
+    def synthetic(source: SourceArgs) -> list[Sample]:
+        if source.system is not None:
+            raise RecipeError("data.sources[].system applies to synthetic MPO pairs only.")
+        return synthetic_samples(source.count, source.seed)
+
+    return read_recipe_sources(
+        settings,
+        read_meta=read_official_meta,
+        read_jsonl=read_official_jsonl,
+        from_hf=lambda dataset, name, source: samples_from_hf_dataset(dataset, name, source.data_augment),
+        synthetic=synthetic,
+    )
+
+
+def build_preference_pairs(settings: DataArgs | Mapping[str, Any]) -> list[PreferencePair]:
+    """Every source of an MPO recipe's `data` section, mixed by `repeat_time`; unreadable records logged."""
+    from .mpo.data import pairs_from_hf_dataset, read_preference_jsonl, read_preference_meta, synthetic_preference_pairs
+
+    settings = _typed(DataArgs, settings, "data")
+
+    def synthetic(source: SourceArgs) -> list[PreferencePair]:
+        pairs = synthetic_preference_pairs(source.count, source.seed)
+        if source.system:
+            for pair in pairs:
+                pair.prompt.insert(0, {"role": "system", "content": source.system})
+        return pairs
+
+    return read_recipe_sources(
+        settings,
+        read_meta=read_preference_meta,
+        read_jsonl=read_preference_jsonl,
+        from_hf=lambda dataset, name, source: pairs_from_hf_dataset(dataset, name),
+        synthetic=synthetic,
+        noun="preference records",
+    )
+
+
+def read_recipe_sources(
+    settings: DataArgs,
+    *,
+    read_meta: Callable[[str], tuple[list[Source], list[str]]],
+    read_jsonl: Callable[[str, str, bool, int | None], tuple[list, list[str]]],
+    from_hf: Callable[[Any, str, SourceArgs], tuple[list, list[str]]],
+    synthetic: Callable[[SourceArgs], list],
+    noun: str = "records",
+) -> list:
+    """The `data` section's `sources` (types official_meta, official_jsonl, hf, synthetic), each read by the given
+    reader (SFT samples or preference pairs), mixed by `repeat_time`; unreadable records logged and counted."""
+    sources, errors = [], []
+    for index, source in enumerate(settings.sources):
+        name = source.name or f"{source.type}[{index}]"
+        if source.type == "official_meta":
+            meta_sources, meta_errors = read_meta(source.path)
+            sources += meta_sources
+            errors += meta_errors
+            continue
+        if source.type == "official_jsonl":
+            items, source_errors = read_jsonl(source.path, source.root, source.data_augment, source.max_dynamic_patch)
+        elif source.type == "hf":
+            from datasets import load_dataset, load_from_disk
+
+            path = source.path
+            dataset = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, split=source.split)
+            items, source_errors = from_hf(dataset, name, source)
+        else:
+            items, source_errors = synthetic(source), []
+        sources.append(Source(name, items, source.repeat_time))
+        errors += source_errors
+    for error in errors:
+        logger.warning("skipped record: %s", error)
+    if errors:
+        logger.warning("%d %s could not be read", len(errors), noun)
+    return mix_sources(sources, settings.seed)
+
+
+def _typed(cls: type, settings: Any, section: str):
+    """A section's dataclass, from itself or from its dict (the functions above take either)."""
+    return settings if isinstance(settings, cls) else parse_section(cls, settings, section)
