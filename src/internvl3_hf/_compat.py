@@ -14,20 +14,21 @@ Private attributes of TRL and transformers touched in `src/` and `modeling/`, wi
   Guard: `TRL_FUSED_LM_HEAD`; test: `test_trl_fused_head_of_a_deep_copy_runs_the_original`.
 - Model-class declarations every transformers model makes (`_no_split_modules`, `_supports_flash_attn`,
   `_supports_sdpa`, `_supports_flex_attn`, `_supports_attention_backend`, `_can_compile_fullgraph`,
-  `_skip_keys_device_placement`, `_tied_weights_keys`, `_tp_plan` in modeling/modeling_internvl3.py) and
-  `config._attn_implementation`: the library's documented way to write a model. Guard: the exact pin
-  `transformers==5.23.0` (pyproject.toml) and the modeling tests.
-- Overridden transformers hooks with a leading underscore, overridden exactly as transformers' own models override
-  them: `GenerationMixin._prepare_position_ids_for_generation` (modeling/modeling_internvl3.py, as Qwen2-VL does),
-  `BaseImageProcessor._preprocess` / `_validate_preprocess_kwargs` and `_standardize_kwargs` /
-  `_valid_kwargs_names` (modeling/image_processing_internvl3.py), `ProcessorMixin._get_num_multimodal_tokens`,
-  `_get_arguments_from_pretrained`, `_merge_kwargs` and `_load_tokenizer_from_pretrained`
-  (modeling/processing_internvl3.py). Guard: the exact pin `transformers==5.23.0` and the processing, generation
-  and V2PE tests.
-- `PretrainedConfig._name_or_path` (src/internvl3_hf/mpo/trainer.py): where TRL reloads a reference model from.
-  Guard: the exact pin `trl==1.16.0` (pyproject.toml `train` extra) and tests/mpo.
-- `DPOTrainer._metrics`, `_total_train_tokens`, `_tp_size`, `_tag_names`, `_name` (src/internvl3_hf/mpo/trainer.py):
-  TRL's metric store and model-card names. Guard: the exact pin `trl==1.16.0` and tests/mpo.
+  `_skip_keys_device_placement`, `_tied_weights_keys`, `_tp_plan` in modeling/modeling_internvl3.py), and
+  `config._attn_implementation` (modeling/modeling_internvl3.py, src/internvl3_hf/mpo/trainer.py): the library's
+  documented way to write and configure a model. Guard: the exact pin `transformers==5.23.0` (pyproject.toml) and
+  tests/modeling.
+- transformers hooks with a leading underscore, overridden as transformers' own models override them:
+  `GenerationMixin._prepare_position_ids_for_generation` and `_update_model_kwargs_for_generation`
+  (modeling/modeling_internvl3.py, as Qwen2-VL does for its rope positions); `_validate_preprocess_kwargs` and
+  `_preprocess`, calling `_standardize_kwargs` and reading `_valid_kwargs_names` (image processor base,
+  modeling/image_processing_internvl3.py); `ProcessorMixin._get_num_multimodal_tokens` and
+  `_get_arguments_from_pretrained`, calling `_merge_kwargs` and `_load_tokenizer_from_pretrained`
+  (modeling/processing_internvl3.py). Guard: the exact pin `transformers==5.23.0` and the processing, image
+  processing, generation and V2PE tests.
+- `DPOTrainer._metrics` (TRL's metric store, averaged by `log`), `_tag_names` and `_name` (model-card tags and
+  name), in src/internvl3_hf/mpo/trainer.py. Guard: the exact pin `trl==1.16.0` (pyproject.toml `train` extra) and
+  tests/mpo.
 """
 
 from __future__ import annotations
