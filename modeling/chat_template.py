@@ -11,16 +11,25 @@ Rendering, byte for byte as `internvl/conversation.py` (MPT style) builds it (on
 plus `<|im_start|>assistant\\n` when `add_generation_prompt`. A message with empty content renders its role header
 only, as the official template does. Images render as `<image>\\n` where they appear in the content; when the
 conversation holds more than one image each becomes `Image-{k}: <image>\\n` (k counts over the whole conversation,
-the official multi-image prompt). A video renders as `<video>\\n`; the processor expands it into `Frame{i}: ...` lines.
+the official multi-image prompt). A video renders as `<video>\\n`; the processor expands it into `Frame...` lines.
+
+Each assistant answer and its `<|im_end|>` (not the newline after it) sit inside `{% generation %}`: the tokens
+`apply_chat_template(..., return_assistant_tokens_mask=True)` marks are exactly those the official
+`preprocess_internvl2_5` supervises.
 """
 
 import json
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+# Label of the k-th image when a conversation holds several (the official multi-image prompt).
+IMAGE_LABEL = "Image-{}: "
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 
-# `__DEFAULT_SYSTEM_MESSAGE__` is replaced by a JSON string literal, which is also a valid Jinja string literal.
+# Each `__NAME__` is replaced by a JSON string literal, which is also a valid Jinja string literal.
 _TEMPLATE = """\
 {%- set ns = namespace(images=0, image_index=0, system=__DEFAULT_SYSTEM_MESSAGE__) -%}
 {%- for message in messages -%}
@@ -59,12 +68,11 @@ _TEMPLATE = """\
                 {%- if item['type'] == 'image' -%}
                     {%- set ns.image_index = ns.image_index + 1 -%}
                     {%- if ns.images > 1 -%}
-                        {%- set turn.text = turn.text ~ 'Image-' ~ ns.image_index ~ ': <image>\\n' -%}
-                    {%- else -%}
-                        {%- set turn.text = turn.text ~ '<image>\\n' -%}
+                        {%- set turn.text = turn.text ~ __IMAGE_LABEL_HEAD__ ~ ns.image_index ~ __IMAGE_LABEL_TAIL__ -%}
                     {%- endif -%}
+                    {%- set turn.text = turn.text ~ __IMAGE_PLACEHOLDER__ ~ '\\n' -%}
                 {%- elif item['type'] == 'video' -%}
-                    {%- set turn.text = turn.text ~ '<video>\\n' -%}
+                    {%- set turn.text = turn.text ~ __VIDEO_PLACEHOLDER__ ~ '\\n' -%}
                 {%- elif item['type'] == 'text' -%}
                     {%- set turn.text = turn.text ~ item['text'] -%}
                 {%- else -%}
@@ -73,7 +81,11 @@ _TEMPLATE = """\
             {%- endfor -%}
         {%- endif -%}
         {{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}
-        {%- if turn.text -%}{{- turn.text ~ '<|im_end|>\\n' -}}{%- endif -%}
+        {%- if turn.text and message['role'] == 'assistant' -%}
+            {%- generation -%}{{- turn.text ~ '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}
+        {%- elif turn.text -%}
+            {{- turn.text ~ '<|im_end|>\\n' -}}
+        {%- endif -%}
     {%- else -%}
         {{- raise_exception('Unsupported role ' ~ message['role'] ~ '; InternVL3 knows system, user and assistant.') -}}
     {%- endif -%}
@@ -87,9 +99,43 @@ def build_chat_template(default_system_message: str = DEFAULT_SYSTEM_MESSAGE) ->
 
     Official configs with a non-null `system_message` override the template's default this way.
     """
-    return _TEMPLATE.replace("__DEFAULT_SYSTEM_MESSAGE__", json.dumps(default_system_message, ensure_ascii=False))
+    label_head, label_tail = IMAGE_LABEL.split("{}")
+    literals = {
+        "__DEFAULT_SYSTEM_MESSAGE__": default_system_message,
+        "__IMAGE_LABEL_HEAD__": label_head,
+        "__IMAGE_LABEL_TAIL__": label_tail,
+        "__IMAGE_PLACEHOLDER__": IMAGE_PLACEHOLDER,
+        "__VIDEO_PLACEHOLDER__": VIDEO_PLACEHOLDER,
+    }
+    template = _TEMPLATE
+    for name, value in literals.items():
+        template = template.replace(name, json.dumps(value, ensure_ascii=False))
+    return template
+
+
+def image_prompt(number: int, num_images: int) -> str:
+    """The text the `number`-th image (from 1) of a conversation holding `num_images` images renders as.
+
+    The chat template renders image items this way; data sources that write placeholders into plain text use it
+    so that both agree.
+    """
+    return (IMAGE_LABEL.format(number) if num_images > 1 else "") + IMAGE_PLACEHOLDER + "\n"
+
+
+def video_prompt() -> str:
+    """The text a video item renders as (the processor expands the placeholder into frame lines)."""
+    return VIDEO_PLACEHOLDER + "\n"
 
 
 CHAT_TEMPLATE = build_chat_template()
 
-__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_MESSAGE", "build_chat_template"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_MESSAGE",
+    "IMAGE_LABEL",
+    "IMAGE_PLACEHOLDER",
+    "VIDEO_PLACEHOLDER",
+    "build_chat_template",
+    "image_prompt",
+    "video_prompt",
+]

@@ -4,7 +4,9 @@
 Self-contained (PIL, numpy, transformers only; no torchvision): copied into checkpoints for `trust_remote_code`.
 """
 
+import io
 import os
+import random
 from functools import lru_cache
 
 import numpy as np
@@ -28,6 +30,8 @@ from transformers.utils import TensorType, is_torch_tensor
 # Errors Pillow raises for unreadable files: OSError (UnidentifiedImageError, truncated data), SyntaxError (broken
 # PNG chunks), ValueError (bad header fields) and DecompressionBombError (absurd sizes).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
+# Official `data_augment`: `build_transform(is_train=True)` picks one of the JPEG qualities 75..100 per tile.
+JPEG_QUALITY_RANGE = (75, 100)
 
 
 class InternVL3ImageProcessorKwargs(ImagesKwargs, total=False):
@@ -40,12 +44,17 @@ class InternVL3ImageProcessorKwargs(ImagesKwargs, total=False):
         Append a whole-image thumbnail tile, last, when an image gives more than one tile.
     dynamic_image_size (`bool`, *optional*, defaults to `self.dynamic_image_size`):
         Tile dynamically; `False` resizes every image to a single tile.
+    jpeg_rng (`random.Random`, *optional*):
+        Training augmentation (official `data_augment`): every tile, thumbnail included, is re-encoded as a JPEG
+        with its own quality drawn from this generator (uniform over 75..100, one draw per tile in tile order)
+        before rescaling. `None` (the default) leaves the tiles untouched.
     """
 
     min_patches: int
     max_patches: int
     use_thumbnail: bool
     dynamic_image_size: bool
+    jpeg_rng: random.Random | None
 
 
 @lru_cache(maxsize=64)
@@ -109,6 +118,15 @@ def open_image_file(path: str | os.PathLike) -> PIL.Image.Image:
         ) from error
 
 
+def jpeg_round_trip(tile: np.ndarray, quality: int) -> np.ndarray:
+    """A `(3, H, W)` uint8 tile after saving it as a JPEG of `quality` and decoding it again."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.ascontiguousarray(tile.transpose(1, 2, 0))).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with PIL.Image.open(buffer) as decoded:
+        return np.array(decoded.convert("RGB")).transpose(2, 0, 1)
+
+
 def to_rgb_pil(image: ImageInput, input_data_format: str | ChannelDimension | None = None) -> PIL.Image.Image:
     """A PIL image, numpy array or torch tensor as an RGB PIL image.
 
@@ -149,6 +167,7 @@ class InternVL3ImageProcessor(PilBackend):
     max_patches = 12
     use_thumbnail = True
     dynamic_image_size = True
+    jpeg_rng = None
 
     def __init__(self, **kwargs: Unpack[InternVL3ImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -231,6 +250,7 @@ class InternVL3ImageProcessor(PilBackend):
         max_patches: int,
         use_thumbnail: bool,
         dynamic_image_size: bool,
+        jpeg_rng: random.Random | None = None,
         **kwargs,
     ) -> BatchFeature:
         pixel_values, image_num_patches = [], []
@@ -240,6 +260,8 @@ class InternVL3ImageProcessor(PilBackend):
             )
             image_num_patches.append(len(tiles))
             for tile in tiles:
+                if jpeg_rng is not None:
+                    tile = jpeg_round_trip(tile, jpeg_rng.randint(*JPEG_QUALITY_RANGE))
                 if do_rescale:
                     tile = self.rescale(tile, rescale_factor)
                 if do_normalize:
@@ -272,4 +294,4 @@ class InternVL3ImageProcessor(PilBackend):
 # Saved processors carry this code (auto_map), so AutoProcessor loads them where the package is absent.
 InternVL3ImageProcessor.register_for_auto_class()
 
-__all__ = ["InternVL3ImageProcessor", "find_tile_grid", "split_tile_budget"]
+__all__ = ["InternVL3ImageProcessor", "find_tile_grid", "jpeg_round_trip", "split_tile_budget"]

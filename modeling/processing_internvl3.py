@@ -4,12 +4,14 @@
 Self-contained (transformers, numpy and sibling files only): copied into checkpoints for `trust_remote_code`.
 
 Every `<image>` in the text becomes `<img>` + `<IMG_CONTEXT>` x (image_seq_length · tiles) + `</img>`, and every
-`<video>` becomes one `Frame{i}: <img>…</img>` line per frame (one tile each), as the official `chat()` builds it.
+`<video>` becomes one `<img>…</img>` line per frame (one tile each), labelled as the official code path the prompt
+follows labels it (`VIDEO_FRAME_FORMATS`).
 """
 
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
@@ -18,15 +20,32 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .chat_template import CHAT_TEMPLATE, build_chat_template
+from .chat_template import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_chat_template
 from .image_processing_internvl3 import InternVL3ImageProcessor, InternVL3ImageProcessorKwargs, split_tile_budget
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
 IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-_PLACEHOLDER_PATTERN = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+# A video placeholder takes its newline along: the MPO frame format drops it.
+_PLACEHOLDER_PATTERN = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}\n?")
+
+
+@dataclass(frozen=True)
+class VideoFrameFormat:
+    """How `<video>\\n` is written out: `label.format(i)` + image span per frame, joined by newlines, then the
+    placeholder's newline unless `drop_newline`."""
+
+    label: str
+    drop_newline: bool = False
+
+
+# The official code paths disagree; a prompt follows the path its data came from: `chat()` / the README video
+# prompt at inference, `internvl_chat_finetune.py` for SFT data, `internvl_chat_mpo.py` for preference data.
+VIDEO_FRAME_FORMATS = {
+    "chat": VideoFrameFormat("Frame{}: "),
+    "sft": VideoFrameFormat("Frame-{}: "),
+    "mpo": VideoFrameFormat("Frame{}: ", drop_newline=True),
+}
 
 # Where `from_pretrained` finds a file; forwarded when the processor settings are read from config.json.
 _FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
@@ -63,10 +82,23 @@ class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
         `True` gives each image of a several-image sample `max(1, max_patches // num_images)` tiles at most: the
         official training rule (training collators set it). The default tiles every image with the full
         `max_patches`, as the official `chat()` / `batch_chat()` inference does.
+    video_frame_format (`str`, *optional*, defaults to `"chat"`):
+        How video frames are labelled, a key of `VIDEO_FRAME_FORMATS`: `"chat"` (`Frame1: `, official inference),
+        `"sft"` (`Frame-1: `, official fine-tuning data) or `"mpo"` (`Frame1: `, no newline after the last frame,
+        official preference data).
+    image_sizes (`list[tuple[int, int]]`, *optional*):
+        `(height, width)` of each image, in place of `images`: the text is expanded with the tiles these sizes
+        give, without decoding any image, and no `pixel_values` are returned (exact token counts for planning a
+        dataset). Flat in placeholder order, or one list per sample.
+    video_num_frames (`list[int]`, *optional*):
+        Frames of each video, in place of `videos`, in the same way.
     """
 
     images_kwargs: InternVL3ImageProcessorKwargs
     share_tile_budget: bool
+    video_frame_format: str
+    image_sizes: list
+    video_num_frames: list
 
 
 def _first(value: int | list | tuple) -> int:
@@ -172,9 +204,11 @@ class InternVL3Processor(ProcessorMixin):
         """The text an image of `num_tiles` tiles becomes: `<img>` + `<IMG_CONTEXT>` x (seq · tiles) + `</img>`."""
         return f"{IMAGE_START_TOKEN}{IMAGE_CONTEXT_TOKEN * (self.image_seq_length * num_tiles)}{IMAGE_END_TOKEN}"
 
-    def video_span(self, num_frames: int) -> str:
-        """The text a video becomes: one `Frame{i}: <img>…</img>` line per frame (official inference prefix)."""
-        return "\n".join(f"Frame{i + 1}: {self.image_span(1)}" for i in range(num_frames))
+    def video_span(self, num_frames: int, frame_format: str = "chat") -> str:
+        """The text `<video>` becomes: one labelled `<img>…</img>` line per frame, labelled as
+        `VIDEO_FRAME_FORMATS[frame_format]` says (the placeholder's own newline is not part of it)."""
+        label = _video_frame_format(frame_format).label
+        return "\n".join(label.format(i + 1) + self.image_span(1) for i in range(num_frames))
 
     def __call__(
         self,
@@ -215,17 +249,44 @@ class InternVL3Processor(ProcessorMixin):
             "return_text_replacement_offsets", output_kwargs["return_text_replacement_offsets"]
         )
 
-        images_per_sample = self._visuals_per_sample(images, texts, IMAGE_PLACEHOLDER, "images", _is_image_batch)
-        videos_per_sample = self._visuals_per_sample(videos, texts, VIDEO_PLACEHOLDER, "videos", _is_video_batch)
+        frame_format = output_kwargs.get("video_frame_format", "chat")
+        share_tile_budget = output_kwargs["share_tile_budget"]
+        _video_frame_format(frame_format)  # an unknown name fails before any image is decoded
+        image_sizes, video_counts = output_kwargs.get("image_sizes"), output_kwargs.get("video_num_frames")
+        if (image_sizes is not None and images is not None) or (video_counts is not None and videos is not None):
+            raise ValueError("Pass images or image_sizes (videos or video_num_frames), not both.")
+        plan_only = image_sizes is not None or video_counts is not None
+        if plan_only:
+            images_per_sample = self._visuals_per_sample(
+                image_sizes, texts, IMAGE_PLACEHOLDER, "image_sizes", _is_size_batch
+            )
+            videos_per_sample = self._visuals_per_sample(
+                video_counts, texts, VIDEO_PLACEHOLDER, "video_num_frames", _is_image_batch
+            )
+        else:
+            images_per_sample = self._visuals_per_sample(images, texts, IMAGE_PLACEHOLDER, "images", _is_image_batch)
+            videos_per_sample = self._visuals_per_sample(videos, texts, VIDEO_PLACEHOLDER, "videos", _is_video_batch)
 
-        expanded, offsets, spans = [], [], []
+        expanded, offsets, spans, tiles = [], [], [], []
         for sample, sample_images, sample_videos in zip(texts, images_per_sample, videos_per_sample):
-            image_tiles = self._tile_images(sample_images, images_kwargs, output_kwargs["share_tile_budget"])
-            video_tiles = [self._tile_frames(frames, images_kwargs) for frames in sample_videos]
-            sample_text, sample_offsets, sample_spans = self._expand_sample(sample, image_tiles, video_tiles)
+            if plan_only:
+                image_kwargs = self._sample_images_kwargs(len(sample_images), images_kwargs, share_tile_budget)
+                count_tiles = self.image_processor.get_number_of_image_patches
+                image_tiles = [count_tiles(*size, image_kwargs) for size in sample_images]
+                video_frames = list(sample_videos)
+            else:
+                image_arrays = self._tile_images(sample_images, images_kwargs, share_tile_budget)
+                video_arrays = [self._tile_frames(frames, images_kwargs) for frames in sample_videos]
+                image_tiles, video_frames = [len(a) for a in image_arrays], [len(a) for a in video_arrays]
+            sample_text, sample_offsets, order = self._expand_sample(sample, image_tiles, video_frames, frame_format)
             expanded.append(sample_text)
             offsets.append(sample_offsets)
-            spans.append(sample_spans)
+            # Tiles of each `<img>` span in text order: an image's tiles, or one per video frame.
+            spans.append(
+                [n for kind, i in order for n in ([image_tiles[i]] if kind == "image" else [1] * video_frames[i])]
+            )
+            if not plan_only:
+                tiles += [image_arrays[i] if kind == "image" else video_arrays[i] for kind, i in order]
 
         text_inputs = self.tokenizer(expanded, **text_kwargs)
         if text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
@@ -236,10 +297,10 @@ class InternVL3Processor(ProcessorMixin):
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
         if return_offsets:
             data["text_replacement_offsets"] = offsets
-        tiles = [tile for sample_spans in spans for tile in sample_spans]
         if tiles:
             data["pixel_values"] = np.concatenate(tiles)
-            data["image_num_patches"] = np.array([len(tile) for tile in tiles], dtype=np.int64)
+        if any(spans):
+            data["image_num_patches"] = np.array([n for sample_spans in spans for n in sample_spans], dtype=np.int64)
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
     @staticmethod
@@ -295,17 +356,22 @@ class InternVL3Processor(ProcessorMixin):
         starts = np.cumsum([0, *counts])
         return [list(visuals[start:end]) for start, end in zip(starts[:-1], starts[1:])]
 
-    def _tile_images(self, images: list, images_kwargs: dict, share_tile_budget: bool) -> list[np.ndarray]:
-        """Tiles of each image of one sample, splitting the sample's tile budget between its images if asked."""
-        if not images:
-            return []
+    def _sample_images_kwargs(self, num_images: int, images_kwargs: dict, share_tile_budget: bool) -> dict:
+        """The image kwargs of one sample, its tile budget split between its images if asked."""
         kwargs = dict(images_kwargs)
-        if share_tile_budget and len(images) > 1:
+        if share_tile_budget and num_images > 1:
             kwargs["min_patches"], kwargs["max_patches"] = split_tile_budget(
                 kwargs.get("min_patches", self.image_processor.min_patches),
                 kwargs.get("max_patches", self.image_processor.max_patches),
-                len(images),
+                num_images,
             )
+        return kwargs
+
+    def _tile_images(self, images: list, images_kwargs: dict, share_tile_budget: bool) -> list[np.ndarray]:
+        """Tiles of each image of one sample."""
+        if not images:
+            return []
+        kwargs = self._sample_images_kwargs(len(images), images_kwargs, share_tile_budget)
         processed = self.image_processor(images, **kwargs)
         boundaries = np.cumsum(processed["image_num_patches"])[:-1]
         return np.split(processed["pixel_values"], boundaries)
@@ -316,25 +382,27 @@ class InternVL3Processor(ProcessorMixin):
         return self.image_processor.preprocess_frames(list(frames), **images_kwargs)["pixel_values"]
 
     def _expand_sample(
-        self, text: str, image_tiles: list[np.ndarray], video_tiles: list[np.ndarray]
-    ) -> tuple[str, list[dict], list[np.ndarray]]:
-        """Replace the placeholders of one sample.
+        self, text: str, image_tiles: list[int], video_frames: list[int], frame_format: str
+    ) -> tuple[str, list[dict], list[tuple[str, int]]]:
+        """Replace the placeholders of one sample, given the tiles of each image and the frames of each video.
 
         Returns the expanded text, the replacement offsets (the `text_replacement_offsets` format that
-        `apply_chat_template(return_assistant_tokens_mask=True)` needs) and the tiles of each `<img>` span in order.
+        `apply_chat_template(return_assistant_tokens_mask=True)` needs) and which image or video each placeholder
+        was, in text order (`("image", i)` / `("video", j)`).
         """
-        images, videos = iter(image_tiles), iter(video_tiles)
-        pieces, offsets, spans = [], [], []
+        image_index, video_index = iter(range(len(image_tiles))), iter(range(len(video_frames)))
+        pieces, offsets, order = [], [], []
         last, shift = 0, 0
         for match in _PLACEHOLDER_PATTERN.finditer(text):
             if match.group() == IMAGE_PLACEHOLDER:
-                tiles = next(images)
-                replacement, kind = self.image_span(len(tiles)), "image"
-                spans.append(tiles)
+                index = next(image_index)
+                replacement, kind = self.image_span(image_tiles[index]), "image"
             else:
-                frames = next(videos)
-                replacement, kind = self.video_span(len(frames)), "video"
-                spans.extend(np.split(frames, len(frames)))
+                index = next(video_index)
+                drop_newline = _video_frame_format(frame_format).drop_newline
+                newline = "" if drop_newline else match.group()[len(VIDEO_PLACEHOLDER) :]
+                replacement, kind = self.video_span(video_frames[index], frame_format) + newline, "video"
+            order.append((kind, index))
             start, end = match.span()
             pieces += [text[last:start], replacement]
             offsets.append(
@@ -349,15 +417,15 @@ class InternVL3Processor(ProcessorMixin):
             shift += len(replacement) - (end - start)
             last = end
         pieces.append(text[last:])
-        return "".join(pieces), offsets, spans
+        return "".join(pieces), offsets, order
 
     def _check_image_spans_kept(
-        self, input_ids: list[list[int]], spans: list[list[np.ndarray]], texts: list[str], text_kwargs: dict
+        self, input_ids: list[list[int]], spans: list[list[int]], texts: list[str], text_kwargs: dict
     ) -> None:
         """Refuse a truncation that removes any image token: the model would get tiles without their tokens."""
         span_ids = set(self.image_token_ids)
         for index, (ids, sample_spans) in enumerate(zip(input_ids, spans)):
-            expected = sum(self.image_seq_length * len(tiles) + 2 for tiles in sample_spans)
+            expected = sum(self.image_seq_length * tiles + 2 for tiles in sample_spans)
             kept = sum(token in span_ids for token in ids)
             if kept != expected:
                 length = len(
@@ -416,9 +484,20 @@ class InternVL3Processor(ProcessorMixin):
         return [image_processor, tokenizer]
 
 
+def _video_frame_format(name: str) -> VideoFrameFormat:
+    if name not in VIDEO_FRAME_FORMATS:
+        raise ValueError(f"video_frame_format must be one of {sorted(VIDEO_FRAME_FORMATS)}, got {name!r}.")
+    return VIDEO_FRAME_FORMATS[name]
+
+
 def _is_image_batch(value) -> bool:
     """A list of images (not a single image)."""
     return isinstance(value, (list, tuple))
+
+
+def _is_size_batch(value) -> bool:
+    """A list of `(height, width)` sizes (not a single size)."""
+    return isinstance(value, (list, tuple)) and all(isinstance(size, (list, tuple)) for size in value)
 
 
 def _is_video(value) -> bool:

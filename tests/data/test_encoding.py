@@ -129,7 +129,7 @@ def case_official_multi_image_prepended(tmp_path):
 
 
 def case_official_video_before_image(tmp_path):
-    """A directory of frames: `<video>` → `Frame{i}: <img>…</img>` lines; the video comes first in the text."""
+    """A directory of frames: `<video>` → `Frame-{i}: <img>…</img>` lines (official SFT); the video comes first."""
     for index, name in enumerate(("frame1", "frame2", "frame3")):
         save_image(tmp_path / "clip" / f"{index:03d}.png", (40, 30), PALETTE[name])
     (tmp_path / "clip" / "notes.txt").write_text("not a frame")
@@ -143,7 +143,7 @@ def case_official_video_before_image(tmp_path):
             {"from": "gpt", "value": "The square turns red."},
         ],
     }
-    frames = "\n".join(f"Frame{i}: {span(1)}" for i in (1, 2, 3))
+    frames = "\n".join(f"Frame-{i}: {span(1)}" for i in (1, 2, 3))
     pieces = [
         system("You are a helpful assistant."),
         user(f"{frames}\nWhat happens before {span(3)}?"),
@@ -293,8 +293,8 @@ def test_video_with_many_frames_samples_eight_in_order(tmp_path, tokenizer, enco
     assert len(frames) == 8 and frames == sorted(set(frames)) and frames[-1] >= 16, frames
     encoded = encoder.encode(sample)
     text = tokenizer.decode(encoded.input_ids)
-    assert "Frame8: <img>" in text and "Frame9" not in text
-    assert text.index("Frame1: <img>") < text.index("What happens?")
+    assert "Frame-8: <img>" in text and "Frame-9" not in text
+    assert text.index("Frame-1: <img>") < text.index("What happens?")
     assert encoded.image_num_patches == [1] * 8 and encoded.pixel_values.shape[0] == 8
 
 

@@ -5,6 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+import io
+import random
+
 from internvl3_hf.modeling.image_processing_internvl3 import (
     InternVL3ImageProcessor,
     find_tile_grid,
@@ -164,3 +167,60 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.to_dict() == processor.to_dict()
     image = random_image(70, 30)
     np.testing.assert_array_equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+
+
+class RecordingRandom(random.Random):
+    """A seeded generator that records every JPEG quality it draws."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.qualities = []
+
+    def randint(self, low: int, high: int) -> int:
+        value = super().randint(low, high)
+        self.qualities.append((low, high, value))
+        return value
+
+
+def test_jpeg_augmentation_draws_one_quality_per_tile_thumbnail_included():
+    """Official `build_transform(is_train=True)` runs on every tile: each tile (and the thumbnail) gets its own
+    JPEG quality in 75..100, applied to the 8-bit tile before normalisation."""
+    image = random_image(70, 50)
+    rng = RecordingRandom(seed=3)
+    out = InternVL3ImageProcessor(size=28, max_patches=6)(image, jpeg_rng=rng)
+    assert out["image_num_patches"].tolist() == [7]  # 3x2 grid + thumbnail
+    assert len(rng.qualities) == 7 and all((low, high) == (75, 100) for low, high, _ in rng.qualities)
+    qualities = [quality for *_, quality in rng.qualities]
+    assert len(set(qualities)) > 1
+
+    # Written out with PIL: the reference tiles, each saved as a JPEG of its own quality and decoded again.
+    clean = reference_tiles(image, grid=(3, 2), size=28)
+    pil_tiles = [
+        Image.fromarray(np.round((tile.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN) * 255).astype(np.uint8))
+        for tile in clean
+    ]
+    expected = []
+    for tile, quality in zip(pil_tiles, qualities):
+        buffer = io.BytesIO()
+        tile.save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
+        expected.append(((decoded / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
+    np.testing.assert_allclose(out["pixel_values"], np.stack(expected), atol=1e-6, rtol=0)
+
+    # The same seed gives the same tiles; no generator leaves the tiles untouched.
+    again = InternVL3ImageProcessor(size=28, max_patches=6)(image, jpeg_rng=random.Random(3))
+    np.testing.assert_array_equal(again["pixel_values"], out["pixel_values"])
+    np.testing.assert_allclose(InternVL3ImageProcessor(size=28, max_patches=6)(image)["pixel_values"], clean, atol=1e-6)
+
+
+def test_jpeg_augmentation_of_video_frames_draws_per_frame():
+    rng = RecordingRandom(seed=0)
+    frames = [random_image(40, 30, seed=i) for i in range(4)]
+    out = InternVL3ImageProcessor(size=28).preprocess_frames(frames, jpeg_rng=rng)
+    assert out["pixel_values"].shape[0] == 4 and len(rng.qualities) == 4
+
+
+def test_jpeg_generator_is_not_saved(tmp_path):
+    processor = InternVL3ImageProcessor(size=28)
+    processor(random_image(28, 28), jpeg_rng=random.Random(0))
+    assert "jpeg_rng" not in processor.to_dict()

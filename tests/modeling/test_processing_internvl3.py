@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from internvl3_hf.modeling.chat_template import CHAT_TEMPLATE, DEFAULT_SYSTEM_MESSAGE, build_chat_template
+from internvl3_hf.modeling.chat_template import (
+    CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_MESSAGE,
+    build_chat_template,
+    image_prompt,
+    video_prompt,
+)
 from internvl3_hf.modeling.image_processing_internvl3 import InternVL3ImageProcessor
 from internvl3_hf.modeling.processing_internvl3 import InternVL3Processor
 from internvl3_hf.tiny import tiny_config
@@ -94,6 +100,85 @@ def test_video_expansion_and_pixel_order(processor):
     frame_tiles = processor.image_processor.preprocess_frames(frames, return_tensors="pt")["pixel_values"]
     picture_tiles = processor.image_processor(picture, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(out["pixel_values"], torch.cat([frame_tiles, picture_tiles]))
+
+
+@pytest.mark.parametrize(
+    ("frame_format", "expected"),
+    [
+        # official chat() / README video prompt: "Frame{i}: <image>\n" per frame, then the question
+        ("chat", "Frame1: {s}\nFrame2: {s}\nWhat changed?"),
+        # internvl_chat_finetune.py: "<video>\n" -> "\n".join("Frame-{i}: <image>") + "\n"
+        ("sft", "Frame-1: {s}\nFrame-2: {s}\nWhat changed?"),
+        # internvl_chat_mpo.py: "<video>\n" -> "\n".join("Frame{i}: <image>"), no newline after the last frame
+        ("mpo", "Frame1: {s}\nFrame2: {s}What changed?"),
+    ],
+)
+def test_video_frame_formats_follow_the_official_path(processor, frame_format, expected):
+    frames = [image(28, 28, seed=i) for i in range(2)]
+    out = processor(videos=[frames], text="<video>\nWhat changed?", video_frame_format=frame_format)
+    span = "<img>" + "<IMG_CONTEXT>" * SEQ + "</img>"
+    assert processor.decode(out["input_ids"][0]) == expected.format(s=span)
+    assert processor.video_span(2, frame_format) == expected.format(s=span).split("What changed?")[0].rstrip("\n")
+
+
+def test_unknown_video_frame_format_is_refused(processor):
+    with pytest.raises(ValueError, match="video_frame_format must be one of"):
+        processor(videos=[[image(28, 28)]], text="<video>\nHi", video_frame_format="Frame")
+
+
+def test_planning_from_image_sizes_gives_the_same_tokens(processor):
+    pictures = [image(84, 56, seed=1), image(28, 56, seed=2)]
+    frames = [image(28, 28, seed=i) for i in range(3)]
+    text = "<video>\nImage-1: <image>\nImage-2: <image>\nSame?"
+    kwargs = {"share_tile_budget": True, "max_patches": 4, "video_frame_format": "sft"}
+    full = processor(images=pictures, videos=[frames], text=text, **kwargs)
+    sizes = [(picture.height, picture.width) for picture in pictures]
+    planned = processor(image_sizes=sizes, video_num_frames=[3], text=text, **kwargs)
+    assert planned["input_ids"] == full["input_ids"]
+    assert planned["image_num_patches"].tolist() == full["image_num_patches"].tolist() == [1, 1, 1, 3, 3]
+    assert "pixel_values" not in planned
+    with pytest.raises(ValueError, match="not both"):
+        processor(images=pictures, image_sizes=sizes, text=text)
+
+
+def test_chat_template_renders_images_like_image_prompt(processor):
+    """`image_prompt` / `video_prompt` (used by data sources writing plain text) equal the template's rendering."""
+    for num_images in (1, 3):
+        content = [{"type": "image"}] * num_images + [{"type": "video"}, {"type": "text", "text": "Hi"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}])
+        expected = "".join(image_prompt(k, num_images) for k in range(1, num_images + 1)) + video_prompt() + "Hi"
+        assert f"<|im_start|>user\n{expected}<|im_end|>\n" in text
+
+
+def test_assistant_mask_covers_each_answer_and_its_end_of_turn(processor, tokenizer):
+    """`{% generation %}` marks each answer and its `<|im_end|>`, never the header, the newline after the answer,
+    the system or user turns; the mask stays aligned after image and video expansion shift the text."""
+    clip = [image(28, 28), image(28, 28, 1)]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": image(56, 28)}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "Red, mostly."},
+        {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "And?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It moves."}]},
+    ]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"][0], out["assistant_masks"][0]
+    runs, current = [], []
+    for token, flag in zip(ids, mask):
+        if flag:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    assert current == []
+    assert [processor.decode(run) for run in runs] == ["Red, mostly.<|im_end|>", "It moves.<|im_end|>"]
+    assert count(ids, processor.image_token_id) == SEQ * (3 + 2)
+    # Each marked run sits right after an `<|im_start|>assistant\n` header and is followed by "\n".
+    text = processor.decode(ids)
+    assert text.count("<|im_start|>assistant\nRed, mostly.<|im_end|>\n<|im_start|>user") == 1
+    assert text.endswith("<|im_start|>assistant\nIt moves.<|im_end|>\n")
 
 
 def test_padding_is_left_by_default_and_right_on_request(processor):

@@ -6,7 +6,6 @@ never the system or user turns, the `<|im_start|>assistant\\n` header, the newli
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 
@@ -14,12 +13,11 @@ import PIL.Image
 import torch
 
 from ..modeling.image_processing_internvl3 import open_image_file, split_tile_budget
-from ..modeling.processing_internvl3 import InternVL3Processor
+from ..modeling.processing_internvl3 import VIDEO_FRAME_FORMATS, InternVL3Processor
 from .sources import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Sample
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
-JPEG_QUALITY_RANGE = (75, 100)  # official random JPEG re-encode (data_augment)
 
 
 @dataclass
@@ -34,21 +32,20 @@ class EncodedSample:
         return sum(self.image_num_patches)
 
 
-def random_jpeg(image: PIL.Image.Image, rng: random.Random) -> PIL.Image.Image:
-    """Re-encode as JPEG with a quality drawn uniformly from 75–100 (the official `data_augment`)."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=rng.randint(*JPEG_QUALITY_RANGE))
-    buffer.seek(0)
-    return PIL.Image.open(buffer).convert("RGB")
-
-
 class SupervisedEncoder:
     """Encodes samples for training; `encode(sample, with_pixels=False)` gives the exact length cheaply."""
 
-    def __init__(self, processor: InternVL3Processor, max_length: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        processor: InternVL3Processor,
+        max_length: int | None = None,
+        seed: int | None = None,
+        video_frame_format: str = "sft",
+    ):
         self.processor = processor
         self.max_length = max_length
         self.rng = random.Random(seed)
+        self.video_frame_format = video_frame_format
 
     def encode(self, sample: Sample, with_pixels: bool = True) -> EncodedSample:
         sizes = [self._size(image, sample.origin) for image in sample.images]
@@ -171,23 +168,23 @@ class SupervisedEncoder:
                 if video_index:
                     video, num_frames = next(videos)
                     order.append(("video", video))
-                    pieces.append(self.processor.video_span(num_frames))
+                    pieces.append(self.processor.video_span(num_frames, self.video_frame_format))
+                    if VIDEO_FRAME_FORMATS[self.video_frame_format].drop_newline and video_part.startswith("\n"):
+                        video_part = video_part[1:]
                 pieces.append(video_part)
         return "".join(pieces)
 
     def _pixels(self, images, frames, order: list[tuple[str, int]], sample: Sample) -> torch.Tensor | None:
         """All tiles in the order their spans appear in the text."""
-        if sample.data_augment:
-            images = [random_jpeg(image, self.rng) for image in images]
-            frames = [[random_jpeg(frame, self.rng) for frame in video] for video in frames]
         image_processor = self.processor.image_processor
+        jpeg_rng = self.rng if sample.data_augment else None
         budget = self._tile_budget(sample)
         tiles = []
         for kind, index in order:
             if kind == "image":
-                out = image_processor(images[index], return_tensors="pt", **budget)
+                out = image_processor(images[index], return_tensors="pt", jpeg_rng=jpeg_rng, **budget)
             else:
-                out = image_processor.preprocess_frames(frames[index], return_tensors="pt")
+                out = image_processor.preprocess_frames(frames[index], return_tensors="pt", jpeg_rng=jpeg_rng)
             tiles.append(out["pixel_values"])
         return torch.cat(tiles) if tiles else None
 

@@ -263,7 +263,7 @@ class PreferenceEncoder:
     """Encodes a pair as two SFT rows; the image tiles are decoded and tiled once, for the chosen row."""
 
     def __init__(self, processor, max_length: int | None = None, seed: int | None = None):
-        self.encoder = SupervisedEncoder(processor, max_length, seed)
+        self.encoder = SupervisedEncoder(processor, max_length, seed, video_frame_format="mpo")
 
     def encode(self, pair: PreferencePair, with_pixels: bool = True) -> EncodedPair:
         chosen_sample, rejected_sample = pair.samples()
