@@ -34,6 +34,12 @@ class InternVLChatMixin:
             messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
         )
 
+    def _check_image_token_ids(self, tokenizer, start: str, end: str, context: str) -> None:
+        """Like the official chat(), take the image token ids from `tokenizer`; the model finds image positions by
+        `config.image_token_id`, so a tokenizer that puts them elsewhere is refused rather than silently ignored."""
+        tokens = {"image_start_token_id": start, "image_end_token_id": end, "image_token_id": context}
+        self.config.check_tokenizer(tokenizer, tokens, tokenizer_source="the tokenizer given to chat()")
+
     def _expand_images(self, query: str, num_patches_list: list[int], start: str, end: str, context: str) -> str:
         for num_patches in num_patches_list:
             query = query.replace("<image>", start + context * self.config.image_seq_length * num_patches + end, 1)
@@ -71,6 +77,7 @@ class InternVLChatMixin:
     ):
         """One turn of the official chat: `<image>\\n` is prepended on an image first turn; returns the answer
         (and the updated history with `return_history`)."""
+        self._check_image_token_ids(tokenizer, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if history is None and pixel_values is not None and "<image>" not in question:
             question = "<image>\n" + question
         if num_patches_list is None:
@@ -108,6 +115,7 @@ class InternVLChatMixin:
         """Single-turn answers to several questions, one image (`num_patches_list[i]` tiles) each, left-padded."""
         if history is not None or return_history:
             raise ValueError("batch_chat is single-turn: use chat() for multi-turn conversations.")
+        self._check_image_token_ids(tokenizer, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if image_counts is not None:
             num_patches_list = image_counts
         if pixel_values is not None:

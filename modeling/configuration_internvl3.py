@@ -5,6 +5,7 @@ This file is self-contained (torch/transformers imports only) because it is copi
 `trust_remote_code` loading.
 """
 
+import os
 from collections.abc import Callable
 
 from transformers import AutoConfig
@@ -13,10 +14,53 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from .v2pe import DEFAULT_DELTAS, delta_to_stride
 
-# model_type → reader turning a config dict of that type into `InternVL3Config` keyword arguments. The
-# `internvl3_hf` package registers the official (`internvl_chat`) and transformers-native (`internvl`) readers, so
-# `InternVL3ForConditionalGeneration.from_pretrained` reads those checkpoints directly.
-FOREIGN_CONFIG_READERS: dict[str, Callable[[dict], dict]] = {}
+# model_type → reader turning a config dict of that type, and the checkpoint it came from (folder or Hub id; `None`
+# when unknown), into `InternVL3Config` keyword arguments. The `internvl3_hf` package registers the official
+# (`internvl_chat`) and transformers-native (`internvl`) readers, so `InternVL3ForConditionalGeneration.from_pretrained`
+# reads those checkpoints directly.
+FOREIGN_CONFIG_READERS: dict[str, Callable[[dict, str | None], dict]] = {}
+
+# Constructor defaults of the official InternVLChatConfig and InternVisionConfig: a field an official config.json
+# leaves out means these. Released configs write them all, with values that differ from these defaults.
+OFFICIAL_CONFIG_DEFAULTS = {
+    "select_layer": -1,
+    "force_image_size": None,
+    "downsample_ratio": 0.5,
+    "template": None,
+    "dynamic_image_size": False,
+    "use_thumbnail": False,
+    "ps_version": "v1",
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 6,
+    "system_message": None,
+}
+OFFICIAL_VISION_DEFAULTS = {
+    "num_channels": 3,
+    "patch_size": 14,
+    "image_size": 224,
+    "qkv_bias": False,
+    "hidden_size": 3200,
+    "num_attention_heads": 25,
+    "intermediate_size": 12800,
+    "qk_normalization": True,
+    "num_hidden_layers": 48,
+    "hidden_act": "gelu",
+    "norm_type": "rms_norm",
+    "layer_norm_eps": 1e-6,
+    "dropout": 0.0,
+    "drop_path_rate": 0.0,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 0.1,
+}
+# Config field → the token whose id it holds. An official config.json stores none of these ids: the official code
+# takes them from its tokenizer (`tokenizer.convert_tokens_to_ids`), and so does reading an official checkpoint here.
+TOKEN_ID_FIELDS = {
+    "image_token_id": "<IMG_CONTEXT>",
+    "image_start_token_id": "<img>",
+    "image_end_token_id": "</img>",
+    "eos_token_id": "<|im_end|>",
+}
 
 V2PE_MODES = ("none", "fixed", "random", "auto")
 PS_VERSIONS = ("v1", "v2")
@@ -85,6 +129,9 @@ class InternVL3Config(PreTrainedConfig):
             `text_config.eos_token_id` (`<|endoftext|>`) is left as the checkpoint has it.
         tie_word_embeddings (`bool`, defaults to `False`):
             Tie `lm_head` to the input embeddings. Released InternVL3 heads are untied.
+        official_rope_scaling (`dict`, *optional*):
+            The `rope_scaling` of an official checkpoint's `llm_config`, kept only so that an export writes it back.
+            The official stack (transformers 4.37's Qwen2) never applies it, so the model uses plain RoPE, as there.
     """
 
     model_type = "internvl3"
@@ -116,11 +163,22 @@ class InternVL3Config(PreTrainedConfig):
     v2pe_max_position: int | None = None
     eos_token_id: int | list[int] = 151645
     tie_word_embeddings: bool = False
+    official_rope_scaling: dict | None = None
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        # `AutoConfig` passes the checkpoint to `from_dict` as `name_or_path`; a foreign reader needs it (the official
+        # format keeps its token ids in the tokenizer files beside config.json).
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "InternVL3Config":
         reader = FOREIGN_CONFIG_READERS.get(config_dict.get("model_type"))
-        return super().from_dict(reader(config_dict) if reader is not None else config_dict, **kwargs)
+        if reader is not None:
+            config_dict = reader(config_dict, kwargs.get("name_or_path") or None)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -137,6 +195,13 @@ class InternVL3Config(PreTrainedConfig):
     def v2pe_strides(self) -> list[int]:
         """`v2pe_delta_set` in 1/256 position units."""
         return [delta_to_stride(delta) for delta in self.v2pe_delta_set]
+
+    def check_tokenizer(self, tokenizer, tokens: dict[str, str] | None = None, *, tokenizer_source: str) -> None:
+        """Raise a `ValueError` if `tokenizer` puts any of `tokens` (config field → token; default: all of
+        `TOKEN_ID_FIELDS`) at another id than this config: the model would look for ids the prompts never hold."""
+        expected = {field: getattr(self, field) for field in (tokens or TOKEN_ID_FIELDS)}
+        model_source = f"the model config ({self.name_or_path})" if self.name_or_path else "the model config"
+        check_token_ids(expected, tokenizer, model_source=model_source, tokenizer_source=tokenizer_source, tokens=tokens)
 
     def validate_internvl3(self) -> None:
         """Raise a `ValueError` naming the field when the settings cannot describe a working model."""
@@ -162,6 +227,35 @@ class InternVL3Config(PreTrainedConfig):
                 f"{self.force_image_size}, patch_size={patch} and downsample_ratio={self.downsample_ratio}, "
                 f"which give {expected} tokens per tile."
             )
+
+
+def check_token_ids(
+    expected: dict[str, int | list[int]],
+    tokenizer,
+    *,
+    model_source: str,
+    tokenizer_source: str,
+    tokens: dict[str, str] | None = None,
+) -> None:
+    """Raise a `ValueError` naming every config field of `expected` whose id is not the tokenizer's id of its token.
+
+    `tokens` maps config fields to token strings (default `TOKEN_ID_FIELDS`); an `eos_token_id` list agrees when it
+    holds the token's id.
+    """
+    tokens = tokens or TOKEN_ID_FIELDS
+    problems = []
+    for field, model_id in expected.items():
+        token_id = tokenizer.convert_tokens_to_ids(tokens[field])
+        if token_id not in (model_id if isinstance(model_id, (list, tuple)) else [model_id]):
+            found = f"is id {token_id} in" if token_id is not None else "is missing from"
+            problems.append(f"{tokens[field]} {found} {tokenizer_source} but {field}={model_id} in {model_source}")
+    if problems:
+        raise ValueError(
+            "The model and the tokenizer disagree on token ids: " + "; ".join(problems) + ". The model would look for "
+            "ids the prompts do not hold. Use the tokenizer saved with the model; if this tokenizer is the right one, "
+            "set those config fields to its ids (reading an official checkpoint takes them from the tokenizer files "
+            "beside its config.json)."
+        )
 
 
 InternVL3Config.register_for_auto_class()

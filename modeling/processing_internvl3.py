@@ -21,6 +21,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from .chat_template import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_chat_template
+from .configuration_internvl3 import (
+    OFFICIAL_CONFIG_DEFAULTS,
+    OFFICIAL_VISION_DEFAULTS,
+    TOKEN_ID_FIELDS,
+    InternVL3Config,
+    check_token_ids,
+)
 from .image_processing_internvl3 import InternVL3ImageProcessor, InternVL3ImageProcessorKwargs, split_tile_budget
 
 IMAGE_START_TOKEN = "<img>"
@@ -52,28 +59,21 @@ _FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_
 
 # Settings a config.json leaves out take the defaults of the class that wrote it. The official InternVLChatConfig
 # constructor defaults differ from the values its released checkpoints ship (which always write them all).
+_PROCESSOR_FIELDS = (
+    "force_image_size",
+    "min_dynamic_patch",
+    "max_dynamic_patch",
+    "use_thumbnail",
+    "dynamic_image_size",
+    "downsample_ratio",
+    "system_message",
+)
 _MODEL_CONFIG_DEFAULTS = {
-    "internvl_chat": {
-        "force_image_size": None,
-        "min_dynamic_patch": 1,
-        "max_dynamic_patch": 6,
-        "use_thumbnail": False,
-        "dynamic_image_size": False,
-        "downsample_ratio": 0.5,
-        "system_message": None,
-    },
-    "internvl3": {
-        "force_image_size": 448,
-        "min_dynamic_patch": 1,
-        "max_dynamic_patch": 12,
-        "use_thumbnail": True,
-        "dynamic_image_size": True,
-        "downsample_ratio": 0.5,
-        "system_message": None,
-    },
+    "internvl_chat": {name: OFFICIAL_CONFIG_DEFAULTS[name] for name in _PROCESSOR_FIELDS},
+    "internvl3": {name: getattr(InternVL3Config, name) for name in _PROCESSOR_FIELDS},
 }
 # Official InternVisionConfig defaults (InternVLVisionConfig has the same patch size).
-_VISION_DEFAULTS = {"image_size": 224, "patch_size": 14}
+_VISION_DEFAULTS = {name: OFFICIAL_VISION_DEFAULTS[name] for name in ("image_size", "patch_size")}
 
 
 class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
@@ -481,7 +481,25 @@ class InternVL3Processor(ProcessorMixin):
         tokenizer = cls._load_tokenizer_from_pretrained(
             "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+        _check_tokenizer_against_model_config(pretrained_model_name_or_path, tokenizer, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
+
+
+def _check_tokenizer_against_model_config(path: str | os.PathLike, tokenizer, **kwargs) -> None:
+    """Refuse a tokenizer whose `<IMG_CONTEXT>`, `<img>`, `</img>` or `<|im_end|>` ids differ from the ones the model
+    config.json beside it fixes (a plugin config's fields, its defaults where left out; an official config fixes
+    none: its ids are its tokenizer's)."""
+    file_kwargs = {key: kwargs[key] for key in _FILE_KWARGS if key in kwargs}
+    config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **file_kwargs)
+    if config_file is None:
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("model_type") == InternVL3Config.model_type:
+        expected = {field: config.get(field, getattr(InternVL3Config, field)) for field in TOKEN_ID_FIELDS}
+    else:
+        expected = {field: config[field] for field in TOKEN_ID_FIELDS if field in config}
+    check_token_ids(expected, tokenizer, model_source=config_file, tokenizer_source=f"the tokenizer of {path}")
 
 
 def _video_frame_format(name: str) -> VideoFrameFormat:

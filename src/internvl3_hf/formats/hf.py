@@ -17,6 +17,7 @@ from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForCo
 from transformers.utils import cached_file
 
 from ..modeling.configuration_internvl3 import InternVL3Config
+from .official import resolve_token_ids
 from .serving import warn_if_engines_ignore_v2pe
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -50,8 +51,12 @@ def plugin_config_to_hf(config: InternVL3Config) -> InternVLConfig:
     )
 
 
-def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> dict:
-    """`InternVL3Config` keyword arguments for a native `config.json` dict (and its `preprocessor_config.json`)."""
+def hf_config_to_plugin(config_dict: dict, source: str | Path | None = None, preprocessor: dict | None = None) -> dict:
+    """`InternVL3Config` keyword arguments for a native `config.json` dict (and its `preprocessor_config.json`).
+
+    The native config stores only the `<IMG_CONTEXT>` id; `<img>` and `</img>` come from the tokenizer of checkpoint
+    `source`, as the native processor takes them.
+    """
     if config_dict.get("model_type") != "internvl":
         raise ValueError(f"Expected a transformers InternVL config (model_type 'internvl'), got {config_dict.get('model_type')!r}.")
     if config_dict.get("vision_feature_select_strategy", "default") != "default":
@@ -60,14 +65,15 @@ def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> 
     settings = dict(
         vision_config=config_dict.get("vision_config") or {},
         text_config=text_config,
-        image_token_id=config_dict.get("image_token_id", 151667),
+        image_token_id=config_dict.get("image_token_id", InternVLConfig.image_token_id),
         image_seq_length=config_dict.get("image_seq_length", 256),
         downsample_ratio=config_dict.get("downsample_ratio", 0.5),
         projector_hidden_act=config_dict.get("projector_hidden_act", "gelu"),
         vision_feature_layer=config_dict.get("vision_feature_layer", -1),
         tie_word_embeddings=config_dict.get("tie_word_embeddings", True),
-        eos_token_id=text_config.get("eos_token_id", 151645),
+        eos_token_id=text_config.get("eos_token_id", InternVL3Config.eos_token_id),
     )
+    settings.update(_image_span_ids(source, settings["image_token_id"]))
     image_size = (config_dict.get("vision_config") or {}).get("image_size", 448)
     settings["force_image_size"] = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
     if preprocessor:
@@ -79,12 +85,19 @@ def hf_config_to_plugin(config_dict: dict, preprocessor: dict | None = None) -> 
     return settings
 
 
+def _image_span_ids(source: str | Path | None, image_token_id: int) -> dict[str, int]:
+    """`<img>` / `</img>` ids from the checkpoint's tokenizer (official fallback and warning without one), checked
+    against the config's `<IMG_CONTEXT>` id."""
+    ids = resolve_token_ids(source, {"image_token_id": image_token_id})
+    return {field: ids[field] for field in ("image_start_token_id", "image_end_token_id")}
+
+
 def load_hf_config(path: str | Path) -> InternVL3Config:
     """Read `config.json` (+ `preprocessor_config.json`) of a `-hf` checkpoint into an `InternVL3Config`."""
     config = json.loads(Path(cached_file(str(path), "config.json")).read_text())
     preprocessor_file = cached_file(str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
     preprocessor = json.loads(Path(preprocessor_file).read_text()) if preprocessor_file else None
-    return InternVL3Config(**hf_config_to_plugin(config, preprocessor))
+    return InternVL3Config(**hf_config_to_plugin(config, path, preprocessor))
 
 
 def to_native_model(model) -> InternVLForConditionalGeneration:

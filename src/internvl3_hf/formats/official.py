@@ -9,25 +9,28 @@ Writing: `save_official` is the explicit export (fused `attn.qkv`, official key 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from transformers import InternVLVisionConfig, Qwen2Config
+from transformers import AutoTokenizer, InternVLVisionConfig, Qwen2Config
 
-from ..modeling.configuration_internvl3 import InternVL3Config
+from ..modeling.configuration_internvl3 import (
+    OFFICIAL_CONFIG_DEFAULTS,
+    OFFICIAL_VISION_DEFAULTS,
+    TOKEN_ID_FIELDS,
+    InternVL3Config,
+)
 from .serving import warn_if_engines_ignore_v2pe
 from .keys import OFFICIAL_KEY_TABLE, OFFICIAL_QKV, PLUGIN_QKV, rename_key
 
-# Token ids an official config.json leaves implicit: every Qwen2-based InternVL3 tokenizer has them, and the official
-# chat() looks them up in the tokenizer. An export writes one only when a model differs (e.g. a tiny test model).
-IMPLICIT_TOKEN_IDS = {
-    "image_token_id": 151667,  # <IMG_CONTEXT>
-    "image_start_token_id": 151665,  # <img>
-    "image_end_token_id": 151666,  # </img>
-    "eos_token_id": 151645,  # <|im_end|>: chat() stops on it
-}
+logger = logging.getLogger(__name__)
+
+# The released InternVL3 (Qwen2.5) tokenizer's ids: used only for a checkpoint saved without its tokenizer.
+QWEN25_TOKEN_IDS = {field: getattr(InternVL3Config, field) for field in TOKEN_ID_FIELDS}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 OFFICIAL_AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
@@ -52,39 +55,6 @@ VISION_FIELDS = [
     ("attention_dropout", "attention_dropout"),
     ("dropout", "projection_dropout"),
 ]
-# Constructor defaults of the official InternVisionConfig / InternVLChatConfig: a field a config.json leaves out means
-# these (released configs write them all; they differ from InternVL3's values).
-OFFICIAL_VISION_DEFAULTS = {
-    "num_channels": 3,
-    "patch_size": 14,
-    "image_size": 224,
-    "qkv_bias": False,
-    "hidden_size": 3200,
-    "num_attention_heads": 25,
-    "intermediate_size": 12800,
-    "qk_normalization": True,
-    "num_hidden_layers": 48,
-    "hidden_act": "gelu",
-    "norm_type": "rms_norm",
-    "layer_norm_eps": 1e-6,
-    "dropout": 0.0,
-    "drop_path_rate": 0.0,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,
-    "initializer_factor": 0.1,
-}
-OFFICIAL_DEFAULTS = {
-    "select_layer": -1,
-    "force_image_size": None,
-    "downsample_ratio": 0.5,
-    "template": None,
-    "dynamic_image_size": False,
-    "use_thumbnail": False,
-    "ps_version": "v1",
-    "min_dynamic_patch": 1,
-    "max_dynamic_patch": 6,
-    "system_message": None,
-}
 # Official vision fields with no InternVLVisionConfig counterpart, kept verbatim so an export restores them.
 VISION_PASSTHROUGH = ("drop_path_rate", "use_flash_attn")
 # Top-level fields shared verbatim by both configs.
@@ -93,11 +63,14 @@ SHARED_FIELDS = (
     "force_image_size",
     "ps_version",
     "template",
-    "system_message",
     "dynamic_image_size",
     "use_thumbnail",
     "min_dynamic_patch",
     "max_dynamic_patch",
+)
+# transformers 5 fields of the exported llm_config that the official stack's Qwen2Config (transformers 4.37) lacks.
+LLM_FIELDS_NOT_OFFICIAL = (
+    "_name_or_path", "transformers_version", "dtype", "output_hidden_states", "return_dict", "layer_types",
 )
 
 
@@ -123,10 +96,66 @@ def _refuse_unsupported(config_dict: dict) -> None:
         raise ValueError("pad2square=True (pad images to squares) is not supported; InternVL3 checkpoints use False.")
 
 
-def official_config_to_plugin(config_dict: dict) -> dict:
-    """Keyword arguments of `InternVL3Config` for an official `internvl_chat` config dict."""
+def tokenizer_token_ids(source: str | Path | None) -> dict[str, int] | None:
+    """The ids `TOKEN_ID_FIELDS` get from the tokenizer saved with checkpoint `source` (a folder, read locally, or a
+    Hub id), as the official code takes them (`tokenizer.convert_tokens_to_ids`); `None` where it has no tokenizer."""
+    if source is None:
+        return None
+    folder = Path(source).expanduser()
+    # The LLM's config stands in for the checkpoint's: AutoTokenizer would read config.json, i.e. come back here.
+    llm_config = Qwen2Config()
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=llm_config, local_files_only=True)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source), config=llm_config)
+        except (OSError, ValueError):
+            return None
+    ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in TOKEN_ID_FIELDS.items()}
+    missing = [TOKEN_ID_FIELDS[field] for field, token_id in ids.items() if token_id in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ValueError(
+            f"The tokenizer of {source} has no {', '.join(missing)} token: an InternVL checkpoint's tokenizer holds "
+            f"{', '.join(TOKEN_ID_FIELDS.values())} as single tokens. Save the checkpoint's own tokenizer there."
+        )
+    return ids
+
+
+def resolve_token_ids(source: str | Path | None, stored: dict[str, Any] | None = None) -> dict[str, int]:
+    """The token ids of an official checkpoint: its tokenizer's, else ids its config.json stores (`stored`, written by
+    older exports), else the released Qwen2.5 ones, with a warning."""
+    stored = {field: value for field, value in (stored or {}).items() if field in TOKEN_ID_FIELDS}
+    from_tokenizer = tokenizer_token_ids(source)
+    if from_tokenizer is None:
+        fallback = {**QWEN25_TOKEN_IDS, **stored}
+        if stored.keys() != QWEN25_TOKEN_IDS.keys():
+            logger.warning(
+                "%s has no tokenizer beside its config.json, so the ids of %s cannot be read from it; using %s (the "
+                "released InternVL3 / Qwen2.5 tokenizer's). Save the checkpoint's tokenizer there if it uses other ids.",
+                source if source is not None else "This official config (no checkpoint folder given)",
+                ", ".join(TOKEN_ID_FIELDS.values()),
+                fallback,
+            )
+        return fallback
+    disagree = {field: (value, from_tokenizer[field]) for field, value in stored.items() if value != from_tokenizer[field]}
+    if disagree:
+        raise ValueError(
+            f"{source}: config.json stores token ids that its tokenizer contradicts "
+            + ", ".join(f"{field}={ours} but {TOKEN_ID_FIELDS[field]} is {theirs}" for field, (ours, theirs) in disagree.items())
+            + ". The official code uses the tokenizer's; remove those fields from config.json or save the right tokenizer."
+        )
+    return from_tokenizer
+
+
+def official_config_to_plugin(config_dict: dict, source: str | Path | None = None) -> dict:
+    """Keyword arguments of `InternVL3Config` for an official `internvl_chat` config dict.
+
+    `source` is the checkpoint (folder or Hub id) the dict came from: its tokenizer gives the token ids.
+    """
     _refuse_unsupported(config_dict)
-    config_dict = {**OFFICIAL_DEFAULTS, **config_dict}
+    config_dict = {**OFFICIAL_CONFIG_DEFAULTS, **config_dict}
     official_vision = {**OFFICIAL_VISION_DEFAULTS, **(config_dict.get("vision_config") or {})}
     vision = {ours: official_vision[theirs] for theirs, ours in VISION_FIELDS if theirs in official_vision}
     vision.update({name: official_vision[name] for name in VISION_PASSTHROUGH if name in official_vision})
@@ -135,14 +164,17 @@ def official_config_to_plugin(config_dict: dict) -> dict:
     # Released llm_configs carry the training flag use_cache=false; kept, it would make `generate` recompute the
     # whole sequence at every step (the official chat() overrides it with use_cache=True too).
     llm["use_cache"] = True
-    plugin = {name: config_dict[name] for name in SHARED_FIELDS if name in config_dict}
+    # Released llm_configs carry dynamic rope_scaling x2, which transformers 4.37's Qwen2 (the official stack) ignores.
+    rope_scaling = llm.pop("rope_scaling", None)
+    plugin = {name: config_dict[name] for name in (*SHARED_FIELDS, "system_message") if name in config_dict}
     plugin.update(
         vision_config=InternVLVisionConfig(**vision),
         text_config=Qwen2Config(**llm),
         vision_feature_layer=config_dict["select_layer"],
         tie_word_embeddings=bool(config_dict.get("tie_word_embeddings", False)),
+        official_rope_scaling=rope_scaling,
     )
-    plugin.update({name: config_dict.get(name, default) for name, default in IMPLICIT_TOKEN_IDS.items()})
+    plugin.update(resolve_token_ids(source, {field: config_dict[field] for field in TOKEN_ID_FIELDS if field in config_dict}))
     force = plugin["force_image_size"] or _first(vision["image_size"])
     patch = _first(vision["patch_size"])
     plugin["force_image_size"] = force
@@ -153,7 +185,8 @@ def official_config_to_plugin(config_dict: dict) -> dict:
 
 
 def plugin_config_to_official(config: InternVL3Config) -> dict:
-    """The official `config.json` dict for `config` (what `InternVLChatConfig.to_dict` would write)."""
+    """The official `config.json` dict for `config`: only fields `InternVLChatConfig.to_dict` writes (no token ids,
+    which the official code reads from the tokenizer)."""
     vision = config.vision_config
     official_vision = {theirs: getattr(vision, ours) for theirs, ours in VISION_FIELDS}
     official_vision["image_size"] = _first(official_vision["image_size"])
@@ -162,11 +195,16 @@ def plugin_config_to_official(config: InternVL3Config) -> dict:
     official_vision.update(architectures=["InternVisionModel"], model_type="intern_vit_6b")
 
     llm = config.text_config.to_dict()
-    for name in ("_name_or_path", "transformers_version", "dtype", "output_hidden_states", "return_dict"):
+    if config.text_config.dtype is not None:
+        llm["torch_dtype"] = str(config.text_config.dtype).removeprefix("torch.")
+    for name in LLM_FIELDS_NOT_OFFICIAL:
         llm.pop(name, None)
     rope = dict(llm.pop("rope_parameters", None) or {})
     llm["rope_theta"] = rope.pop("rope_theta", 10000.0)
-    llm["rope_scaling"] = ({**rope, "type": rope["rope_type"]} if rope.get("rope_type", "default") != "default" else None)
+    if config.official_rope_scaling is not None:
+        llm["rope_scaling"] = config.official_rope_scaling
+    elif rope.get("rope_type", "default") != "default":
+        llm["rope_scaling"] = {**rope, "type": rope["rope_type"]}
     llm["architectures"] = ["Qwen2ForCausalLM"]
 
     official = {name: getattr(config, name) for name in SHARED_FIELDS}
@@ -180,13 +218,13 @@ def plugin_config_to_official(config: InternVL3Config) -> dict:
         pad2square=False,
         use_backbone_lora=0,
         use_llm_lora=0,
-        image_fold=None,
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_size=config.text_config.hidden_size,
     )
-    official.update(
-        {name: getattr(config, name) for name, default in IMPLICIT_TOKEN_IDS.items() if getattr(config, name) != default}
-    )
+    # The official model uses `config.system_message` whenever the field exists, so a null one would replace the
+    # template's default system message: it is written only when set.
+    if config.system_message:
+        official["system_message"] = config.system_message
     if config.dtype is not None:
         official["torch_dtype"] = str(config.dtype).removeprefix("torch.")
     return official
@@ -206,8 +244,22 @@ def plugin_state_dict_to_official(state_dict: dict[str, torch.Tensor]) -> dict[s
 
 
 def save_official(model, save_directory: str | Path, processor=None, *, max_shard_size: str = "5GB") -> Path:
-    """Write `model` (and the processor's tokenizer) in the official OpenGVLab layout."""
+    """Write `model` (and the processor's tokenizer) in the official OpenGVLab layout.
+
+    The official config.json has no token-id fields: readers take the ids from the tokenizer saved beside it.
+    """
     warn_if_engines_ignore_v2pe(model.config)
+    own_ids = {field: getattr(model.config, field) for field in TOKEN_ID_FIELDS}
+    if processor is not None:
+        model.config.check_tokenizer(processor.tokenizer, tokenizer_source="the processor's tokenizer")
+    elif own_ids != QWEN25_TOKEN_IDS:
+        logger.warning(
+            "Saving an official checkpoint without a tokenizer: the official format keeps the token ids %s only in "
+            "the tokenizer, so readers of %s will assume the Qwen2.5 ones %s. Pass the processor to save its tokenizer.",
+            own_ids,
+            save_directory,
+            QWEN25_TOKEN_IDS,
+        )
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     state_dict = plugin_state_dict_to_official(model.state_dict())
@@ -220,7 +272,18 @@ def save_official(model, save_directory: str | Path, processor=None, *, max_shar
         model.generation_config.save_pretrained(save_directory)
     if processor is not None:
         processor.tokenizer.save_pretrained(save_directory)
+        save_slow_tokenizer_files(processor.tokenizer, save_directory)
     return save_directory
+
+
+def save_slow_tokenizer_files(tokenizer, save_directory: Path) -> None:
+    """Write `vocab.json` and `merges.txt`: the official stack (transformers 4.37, loading with `use_fast=False`)
+    reads these, and cannot read a `tokenizer.json` written by a newer `tokenizers`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.model.save(str(save_directory))
+    else:
+        tokenizer.save_vocabulary(str(save_directory))
 
 
 class InternVLChatConfig(InternVL3Config):
