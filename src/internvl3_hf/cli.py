@@ -1,4 +1,9 @@
-"""`internvl3-hf` command line: a thin face over the package's public functions."""
+"""`internvl3-hf` command line: a thin face over the package's public functions.
+
+Bad input (a missing or corrupt image, a missing recipe, an unknown recipe key, a checkpoint path that does not
+exist, an unusable sample) is reported on one line, `internvl3-hf: error: ...`, with exit status 2; `--debug` shows
+the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .errors import UserError
+
+DEBUG_HELP = "on an input error, show the traceback instead of one line"
+
 
 def _convert(args: argparse.Namespace) -> None:
+    from .errors import require_checkpoint
     from .formats.convert import convert, detect_format
 
+    require_checkpoint(args.source, "source")
     source_format = detect_format(args.source)
     destination = convert(args.source, args.destination, args.to)
     print(f"converted {args.source} ({source_format}) -> {destination} ({args.to})")
@@ -19,16 +30,19 @@ def _chat(args: argparse.Namespace) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .chat import ChatSession
+    from .errors import open_image, require_checkpoint
 
+    require_checkpoint(args.model, "--model")
+    images = [open_image(path, "--image: ") for path in args.image]  # a bad file fails before the model loads
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(args.model)
     session = ChatSession(model, processor, system=args.system)
     settings = {"stream": True, "max_new_tokens": args.max_new_tokens, "do_sample": False}
     if args.question:
-        session.ask(args.question, args.image, **settings)
+        session.ask(args.question, images, **settings)
     if not args.interactive:
         return
-    images = [] if args.question else args.image
+    images = [] if args.question else images
     while True:
         try:
             question = input("> ").strip()
@@ -47,7 +61,8 @@ def _merge_lora(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import load_recipe, run_training
+    from .recipes import load_recipe
+    from .train import run_training
 
     trainer = run_training(load_recipe(args.config, args.set), resume_from_checkpoint=args.resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -69,6 +84,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internvl3-hf", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert a checkpoint between plugin, official and -hf formats")
@@ -116,13 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .mpo.cli import add_mpo_parser
 
     add_mpo_parser(commands)
+    for command in commands.choices.values():  # `--debug` after the command as well as before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; an expected error (bad input: `UserError`, `DataError`) is reported on one line, exit 2."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as error:
+        if args.debug or not is_expected_error(error):
+            raise
+        print(f"internvl3-hf: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     return 0
+
+
+def is_expected_error(error: BaseException) -> bool:
+    """Bad input the user can fix, as opposed to a bug: its message is the whole report."""
+    from .data import DataError  # only on the error path: the data package imports torch
+
+    return isinstance(error, (UserError, DataError))
 
 
 if __name__ == "__main__":

@@ -80,13 +80,39 @@ def test_majority_vote_needs_no_critic(checkpoints, capsys):
         (["--strategy", "majority", "--max-steps", "-1", QUESTION], "--max-steps"),
     ],
 )
-def test_bad_arguments_are_refused(checkpoints, arguments, message):
-    with pytest.raises(SystemExit, match=message):
-        run_bon(checkpoints, *arguments)
+def test_bad_arguments_are_refused(checkpoints, arguments, message, capsys):
+    assert run_bon(checkpoints, *arguments) == 2
+    assert message in refusal(capsys)
 
 
-def test_a_line_without_a_question_is_refused(checkpoints, tmp_path):
+def refusal(capsys) -> str:
+    """The one `internvl3-hf: error: bon: ...` line of a refused command."""
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("internvl3-hf: error: bon: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"prompt": "no question field"}, "bad.jsonl:1 is not a JSON object with a string \"question\""),
+        ({"question": "Which?", "image": "missing.png"}, "bad.jsonl:1: image file"),
+        ("{not json", "bad.jsonl:1 is not valid JSON"),
+    ],
+)
+def test_a_bad_line_is_refused_before_the_model_loads(checkpoints, tmp_path, capsys, line, message, monkeypatch):
+    monkeypatch.setattr("internvl3_hf.best_of_n.cli._load", pytest.fail)
     source = tmp_path / "bad.jsonl"
-    source.write_text(json.dumps({"prompt": "no question field"}) + "\n")
-    with pytest.raises(SystemExit, match="bad.jsonl:1"):
-        run_bon(checkpoints, "--strategy", "majority", "--input", str(source))
+    source.write_text((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    assert run_bon(checkpoints, "--strategy", "majority", "--input", str(source)) == 2
+    assert message in refusal(capsys)
+
+
+def test_a_corrupt_image_in_the_input_file_names_its_line(checkpoints, tmp_path, capsys):
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    source = tmp_path / "questions.jsonl"
+    source.write_text(json.dumps({"question": QUESTION, "image": "corrupt.png"}) + "\n")
+    assert run_bon(checkpoints, "--strategy", "majority", "-n", "2", "--input", str(source)) == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # decoded with its batch: after the loading progress bars
+    assert line.startswith("internvl3-hf: error: bon: ")
+    assert "questions.jsonl:1: Could not decode the image file" in line and "corrupt.png" in line

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import UserError, open_image, require_checkpoint
 from .prm import AGGREGATIONS, DEFAULT_MAX_STEPS, SCORING_MODES
 from .search import STRATEGIES, BestOfNResult
 
@@ -46,16 +47,19 @@ def add_bon_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def _check_arguments(args: argparse.Namespace) -> None:
     if (args.question is None) == (args.input is None):
-        raise SystemExit("bon: give either a question or --input FILE.jsonl, not both and not neither.")
+        raise UserError("bon: give either a question or --input FILE.jsonl, not both and not neither.")
     if args.input is not None and args.image:
-        raise SystemExit("bon: with --input, images come from each line's \"image\" field, not --image.")
+        raise UserError("bon: with --input, images come from each line's \"image\" field, not --image.")
     if args.strategy != "majority" and not args.critic:
-        raise SystemExit(f"bon: --strategy {args.strategy} needs --critic (a VisualPRM checkpoint).")
+        raise UserError(f"bon: --strategy {args.strategy} needs --critic (a VisualPRM checkpoint).")
     for name in ("num_candidates", "batch_size", "critic_batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"bon: --{name.replace('_', '-')} must be at least 1.")
+            raise UserError(f"bon: --{name.replace('_', '-')} must be at least 1.")
     if args.max_steps < 0:
-        raise SystemExit("bon: --max-steps must be 0 (no merging) or positive.")
+        raise UserError("bon: --max-steps must be 0 (no merging) or positive.")
+    require_checkpoint(args.model, "--model")
+    if args.strategy != "majority":
+        require_checkpoint(args.critic, "--critic")
 
 
 def _load(path: str, device: str):
@@ -66,18 +70,28 @@ def _load(path: str, device: str):
 
 
 def _read_questions(path: Path) -> list[dict]:
-    """JSONL records, each with a `question`; relative image paths are resolved against the file's folder."""
+    """JSONL records, each with a `question`; relative image paths are resolved against the file's folder, and
+    every image must exist (it is decoded when its batch comes)."""
+    if not path.is_file():
+        raise UserError(f"bon: --input {str(path)!r} does not exist.")
     records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"bon: {path}:{number} is not valid JSON ({error}).") from error
             if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-                raise SystemExit(f"bon: {path}:{number} is not a JSON object with a string \"question\".")
+                raise UserError(f"bon: {path}:{number} is not a JSON object with a string \"question\".")
             images = record.get("image") or []
             images = [images] if isinstance(images, str) else images
             record["_images"] = [str(path.parent / image) for image in images]
+            record["_origin"] = f"bon: {path}:{number}: "
+            for image in record["_images"]:
+                if not Path(image).is_file():
+                    raise UserError(f"{record['_origin']}image file {image!r} does not exist.")
             records.append(record)
     return records
 
@@ -109,7 +123,9 @@ def run_bon(args: argparse.Namespace) -> None:
     from .search import best_of_n
 
     _check_arguments(args)
-    records = _read_questions(args.input) if args.input is not None else None  # fail on a bad file before loading
+    # Fail on a bad file or image before loading a model.
+    records = _read_questions(args.input) if args.input is not None else None
+    images = [open_image(path, "bon: --image: ") for path in args.image]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.seed is not None:
         set_seed(args.seed)
@@ -133,7 +149,7 @@ def run_bon(args: argparse.Namespace) -> None:
         top_p=args.top_p,
     )
     if records is None:
-        print(format_result(best_of_n(model, processor, critic, args.image, args.question, **settings)))
+        print(format_result(best_of_n(model, processor, critic, images, args.question, **settings)))
         return
 
     output = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -142,9 +158,11 @@ def run_bon(args: argparse.Namespace) -> None:
             for start in range(0, len(records), args.batch_size):
                 batch = records[start : start + args.batch_size]
                 questions = [record["question"] for record in batch]
-                results = best_of_n(model, processor, critic, [r["_images"] for r in batch], questions, **settings)
+                images = [[open_image(image, record["_origin"]) for image in record["_images"]] for record in batch]
+                results = best_of_n(model, processor, critic, images, questions, **settings)
                 for record, result in zip(batch, results):
                     record.pop("_images")
+                    record.pop("_origin")
                     output.write(json.dumps({**record, **result.to_dict()}, ensure_ascii=False) + "\n")
                 output.flush()
                 progress.update(len(batch))
