@@ -1,14 +1,17 @@
 """transformers-native `-hf` format: exported for `InternVLForConditionalGeneration`, read back bit-exactly."""
 
 import json
+import logging
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
-from transformers import InternVLForConditionalGeneration
+from transformers import AutoProcessor, InternVLForConditionalGeneration
 
 from internvl3_hf import InternVL3ForConditionalGeneration
-from internvl3_hf.formats.convert import detect_format, load_checkpoint
-from internvl3_hf.formats.hf import save_hf, to_native_model
+from internvl3_hf.formats.convert import convert, detect_format, load_checkpoint
+from internvl3_hf.formats.hf import load_hf_config, save_hf, to_native_model
+from internvl3_hf.processing import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 
@@ -67,3 +70,28 @@ def test_hf_round_trip_keeps_tied_heads_tied(tokenizer, tmp_path):
     loaded = load_checkpoint(tmp_path / "hf")
     assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_hf_checkpoint_takes_image_span_ids_from_its_tokenizer(tokenizer, tmp_path):
+    """The native config stores only `<IMG_CONTEXT>`'s id; `<img>` / `</img>` come from the tokenizer beside it."""
+    model = _tiny_model(tokenizer)
+    save_hf(model, tmp_path / "hf", processor_for_config(tokenizer, model.config))
+    config = load_hf_config(tmp_path / "hf")
+    fields = ("image_token_id", "image_start_token_id", "image_end_token_id", "eos_token_id")
+    assert [getattr(config, field) for field in fields] == [getattr(model.config, field) for field in fields]
+    convert(tmp_path / "hf", tmp_path / "plugin", "plugin")
+    processor = AutoProcessor.from_pretrained(tmp_path / "plugin")  # refuses ids that disagree with the config
+    reloaded = InternVL3ForConditionalGeneration.from_pretrained(tmp_path / "plugin")
+    inputs = processor(text="<image>\nHi", images=[Image.new("RGB", (28, 28), "red")], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_hf_checkpoint_without_tokenizer_warns_about_the_image_span_ids(tokenizer, tmp_path, caplog):
+    model = _tiny_model(tokenizer)
+    save_hf(model, tmp_path / "hf")
+    with caplog.at_level(logging.WARNING, logger="internvl3_hf.formats.official"):
+        config = load_hf_config(tmp_path / "hf")
+    assert config.image_token_id == model.config.image_token_id  # stored in the native config
+    assert (config.image_start_token_id, config.image_end_token_id) == (151665, 151666)
+    assert str(tmp_path / "hf") in caplog.text and "no tokenizer" in caplog.text
