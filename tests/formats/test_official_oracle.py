@@ -254,6 +254,23 @@ def test_convert_round_trip_keeps_the_slow_tokenizer_files(round_trip):
     assert merges == official_merges
 
 
+def _additional_special_tokens(folder: Path) -> list[str]:
+    """The special tokens beyond bos/eos/pad/unk as transformers 4.37 reads them: `additional_special_tokens` of
+    tokenizer_config.json or special_tokens_map.json (it does not know transformers 5's `extra_special_tokens`)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        tokens = json.loads(path.read_text()).get("additional_special_tokens") if path.is_file() else None
+        if tokens:
+            return [token["content"] if isinstance(token, dict) else token for token in tokens]
+    return []
+
+
+def test_convert_round_trip_keeps_the_special_tokens_the_official_stack_skips(round_trip):
+    """The official chat() decodes with skip_special_tokens: tokens not declared special there (e.g. `</quad>`)
+    would end up in its answers."""
+    assert _additional_special_tokens(round_trip) == _additional_special_tokens(CHECKPOINT)
+
+
 def test_convert_round_trip_reloads_with_the_same_tokens_and_logits(round_trip, model):
     reloaded = load_checkpoint(round_trip, dtype=torch.float32).eval()
     assert AutoTokenizer.from_pretrained(round_trip)(EXPECTED["prompts"]["text"]["prompt"])["input_ids"] == (
