@@ -6,15 +6,15 @@ Parameter names follow transformers' native InternVL (`model.vision_tower.*`, `m
 `model.language_model.*`, `lm_head`), so PEFT target names, TRL's fused LM head and the `-hf` format line up.
 """
 
-import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
@@ -23,15 +23,16 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLVisionModel,
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
-from transformers.utils import logging
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.import_utils import is_flash_attn_2_available, torch_compilable_check
 from transformers.utils.output_capturing import capture_outputs
 
 from .chat_internvl3 import InternVLChatMixin
 from .critic_internvl3 import InternVLCriticMixin
 from .configuration_internvl3 import InternVL3Config
-from .v2pe import POSITION_UNITS, auto_image_strides, image_spans, units_to_positions, v2pe_position_units
+from .v2pe import v2pe_rope_position_ids
 
 logger = logging.get_logger(__name__)
 
@@ -154,7 +155,7 @@ class InternVL3TextModel(Qwen2Model):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         rope_position_ids: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
         position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -177,6 +178,10 @@ class InternVL3TextModel(Qwen2Model):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        if self.config._attn_implementation == "eager" and _is_4d_bool(attention_mask):
+            # A ready 4-D mask reaches the attention unchanged, and eager adds it to the scores: make it additive.
+            additive = torch.zeros_like(attention_mask, dtype=inputs_embeds.dtype)
+            attention_mask = additive.masked_fill(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
         causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
             mask_kwargs = {
@@ -219,6 +224,10 @@ class InternVL3TextModel(Qwen2Model):
         embedding = torch.cat((freqs, freqs), dim=-1)
         scaling = self.rotary_emb.attention_scaling
         return (embedding.cos() * scaling).to(hidden_states.dtype), (embedding.sin() * scaling).to(hidden_states.dtype)
+
+
+def _is_4d_bool(attention_mask: Any) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool
 
 
 class InternVL3PreTrainedModel(PreTrainedModel):
@@ -269,23 +278,34 @@ class InternVL3Model(InternVL3PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """ViT outputs of tiles `(num_tiles, 3, S, S)`, with `pooler_output` the projected LLM embeddings
-        `(num_tiles, image_seq_length, hidden)` (the transformers VLM convention `generate` pre-encodes with)."""
-        vision_outputs, features = self.unshuffled_vision_features(pixel_values, **kwargs)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            hidden_states=vision_outputs.hidden_states,
-            pooler_output=self.multi_modal_projector(features),
-        )
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""ViT outputs of tiles `(num_tiles, 3, S, S)`, with `pooler_output` the projected LLM embeddings
+        `(num_tiles, image_seq_length, hidden)` (the transformers VLM convention `generate` pre-encodes with).
 
-    def unshuffled_vision_features(self, pixel_values: torch.Tensor, **kwargs) -> tuple:
+        vision_feature_layer (`int`, *optional*):
+            The ViT layer the projector reads (defaults to `config.vision_feature_layer`).
+        """
+        vision_outputs, features = self.unshuffled_vision_features(pixel_values, vision_feature_layer, **kwargs)
+        vision_outputs.pooler_output = self.multi_modal_projector(features)
+        return vision_outputs
+
+    def unshuffled_vision_features(
+        self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
         """The ViT outputs and the `vision_feature_layer` features the projector reads: CLS dropped, pixel-unshuffled,
         `(num_tiles, image_seq_length, vision_hidden / downsample_ratio**2)`."""
         kwargs.pop("return_dict", None)
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        layer = self.config.vision_feature_layer
-        vision_outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1, **kwargs)
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if layer != -1 and not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = True
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
         features = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
         features = features[:, 1:, :]  # drop CLS
         side = int(features.shape[1] ** 0.5)
@@ -319,77 +339,72 @@ class InternVL3Model(InternVL3PreTrainedModel):
         mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features)
 
-    def image_strides(
-        self,
-        image_token_mask: torch.Tensor,
-        token_mask: torch.Tensor | None = None,
-        v2pe_strides: torch.LongTensor | None = None,
-        sample_starts: torch.Tensor | None = None,
-    ) -> torch.LongTensor:
-        """Each image's V2PE stride (δ·256) for this call, following `config.v2pe_mode` unless given."""
-        device = image_token_mask.device
-        num_images = int(image_spans(image_token_mask)[1])
-        if v2pe_strides is not None:
-            if v2pe_strides.numel() != num_images:
-                raise ValueError(
-                    f"v2pe_strides holds {v2pe_strides.numel()} strides but input_ids hold {num_images} images "
-                    "(one stride per image, in order of appearance, row by row)."
-                )
-            return v2pe_strides.to(device=device, dtype=torch.long)
-        mode = self.config.v2pe_mode
-        if mode == "random" and self.training:
-            choices = torch.tensor(self.config.v2pe_strides, device=device)
-            return choices[torch.randint(len(choices), (num_images,), device=device)]
-        if mode == "auto":
-            limit = self.config.v2pe_max_position or self.config.text_config.max_position_embeddings
-            return auto_image_strides(image_token_mask, token_mask, self.config.v2pe_strides, limit, sample_starts)
-        return torch.full((num_images,), self.config.v2pe_stride, device=device, dtype=torch.long)
-
     def v2pe_positions(
         self,
         image_token_mask: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
-        start_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """V2PE rotary positions `(batch, seq)` and the per-image strides used.
+        """V2PE rotary positions `(batch, seq)` of sequences starting here, and the per-image strides used.
 
         Padding (`attention_mask` 0) is skipped; integer `position_ids` mark packed samples where they are 0
-        (positions restart there); `start_positions` `(batch,)` continue a cached sequence.
+        (positions restart there); `v2pe_strides` override `config.v2pe_mode`.
         """
-        length = image_token_mask.shape[1]
-        token_mask = attention_mask[:, -length:] if attention_mask is not None and attention_mask.dim() == 2 else None
-        sample_starts = position_ids == 0 if position_ids is not None else None
-        strides = self.image_strides(image_token_mask, token_mask, v2pe_strides, sample_starts)
-        units = v2pe_position_units(image_token_mask, strides, token_mask, sample_starts)
-        if start_positions is not None:
-            offset = torch.round(start_positions.to(torch.float64) * POSITION_UNITS).long()[:, None]
-            units = units + (offset if token_mask is None else offset * token_mask.long())
-        return units_to_positions(units), strides
+        return v2pe_rope_position_ids(
+            self.config, image_token_mask, attention_mask, position_ids, v2pe_strides, training=self.training
+        )
 
+    def derives_v2pe_positions(
+        self,
+        v2pe_strides: torch.LongTensor | None,
+        past_key_values: Cache | None,
+        position_ids: torch.LongTensor | None,
+    ) -> bool:
+        """Whether a forward without `rope_position_ids` computes V2PE positions: V2PE is on and its sequences start
+        in this call. On a filled cache the caller gives the positions (V2PE cannot be derived from new tokens)."""
+        if self.config.v2pe_mode == "none" and v2pe_strides is None:
+            return False
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return True
+        if position_ids is None:
+            raise ValueError(
+                "Continuing a cache under V2PE needs the new tokens' positions: pass `rope_position_ids` (for the next "
+                "token after an output `out`: `out.rope_position_ids[:, -1:] + 1`), or integer `position_ids` where "
+                "every earlier image had δ = 1. `generate` passes them itself."
+            )
+        return False
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        rope_position_ids: torch.Tensor | None = None,
         image_num_patches: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        v2pe_ordinary_positions: bool = False,
-        **kwargs,
-    ) -> InternVL3ModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | InternVL3ModelOutputWithPast:
         r"""
         pixel_values (`torch.Tensor` of shape `(num_tiles, 3, force_image_size, force_image_size)`, *optional*):
             All tiles of all images of the batch, in the order their `<image>` spans appear (thumbnail last per
             image). Only needed on prefill.
-        position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Integer per-sample positions (restarting at 0 per packed sample), as for any transformers model; under
-            V2PE the rotary positions are derived from them and `input_ids`. Floating-point positions are taken
-            as ready-made rotary positions (what `generate` passes under V2PE) and never reach the masks.
+        attention_mask (`torch.Tensor`, *optional*):
+            A 2-D `(batch, seq)` padding mask, or a ready 4-D mask (bool, or float with 0 / -inf) of shape
+            `(batch, 1, seq, past + seq)`, which reaches the attention unchanged (e.g. a block mask that keeps two
+            answers sharing one prompt apart).
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Integer per-sample positions (restarting at 0 per packed sample) for the masks and attention kernels,
+            as for any transformers model. Under V2PE the rotary positions are derived from them and `input_ids`.
+        rope_position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions for the rotary embedding only (float32; float64 beyond 2**16), e.g. V2PE positions computed
+            once for a whole row and fed chunk by chunk. Given, they replace the V2PE derivation; they never reach
+            the masks. On a filled cache under V2PE they (or `position_ids`) are required.
         image_num_patches (`torch.LongTensor` of shape `(num_images,)`, *optional*):
             Tiles per image, as returned by the processor; checked against `pixel_values` and used in errors.
         v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
@@ -399,45 +414,28 @@ class InternVL3Model(InternVL3PreTrainedModel):
             `{"image": BaseModelOutputWithPooling(pooler_output=features)}` with `features` from
             `get_image_features`, shape `(num_tiles, image_seq_length, hidden)`. Lets one ViT pass serve
             several rows (e.g. the chosen and rejected answers of a preference pair).
-        v2pe_ordinary_positions (`bool`, defaults to `False`):
-            Set by `generate` when V2PE gives every image of the prompt δ = 1 (or there is no image): the integer
-            `position_ids` then are the V2PE positions and go, as they are, down transformers' ordinary path (no
-            V2PE derivation, no float positions), on prefill and on every decode step.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("InternVL3Model.forward needs exactly one of input_ids or inputs_embeds.")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs, not both.")
+        if position_ids is not None and position_ids.is_floating_point():
+            raise ValueError(
+                "position_ids are integer positions for masks and attention kernels; pass fractional (V2PE) rotary "
+                "positions as rope_position_ids."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        # Built only where needed (V2PE derivation, image merge): a decode step needs neither.
-        image_token_mask = None
+        image_token_mask = None  # built only where needed: a decode step needs neither V2PE nor the image merge
 
-        # Which positions the rotary embedding gets; the cheap cases (ordinary positions, generate's ready-made ones,
-        # i.e. every decode step of `generate`) come first and add no tensor op.
-        rope_position_ids, strides = None, None
-        if v2pe_ordinary_positions:
-            pass
-        elif position_ids is not None and position_ids.is_floating_point():
-            # Ready-made fractional positions feed the rotary embedding only, never the masks.
-            rope_position_ids, position_ids = position_ids, None
-        elif self.config.v2pe_mode != "none" or v2pe_strides is not None or _cache_has_v2pe(past_key_values):
+        strides = None
+        if rope_position_ids is None and self.derives_v2pe_positions(v2pe_strides, past_key_values, position_ids):
             image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             rope_position_ids, strides = self.v2pe_positions(
-                image_token_mask, attention_mask, position_ids, v2pe_strides,
-                _cached_next_position(past_key_values, inputs_embeds.device),
+                image_token_mask, attention_mask, position_ids, v2pe_strides
             )
 
-        image_features = None
-        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_features = mm_encoder_outputs["image"].pooler_output
-        elif pixel_values is not None:
-            if image_num_patches is not None and int(image_num_patches.sum()) != pixel_values.shape[0]:
-                raise ValueError(
-                    f"image_num_patches {image_num_patches.tolist()} sums to {int(image_num_patches.sum())} tiles but "
-                    f"pixel_values holds {pixel_values.shape[0]} tiles."
-                )
-            image_features = self.get_image_features(pixel_values).pooler_output
+        image_features = self.image_features(pixel_values, mm_encoder_outputs, image_num_patches)
         if image_features is not None:
             if image_token_mask is None:  # before the merge: with inputs_embeds it is read off the embeddings
                 image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -453,12 +451,6 @@ class InternVL3Model(InternVL3PreTrainedModel):
             rope_position_ids=rope_position_ids,
             **kwargs,
         )
-        if outputs.past_key_values is not None and (rope_position_ids is not None or v2pe_ordinary_positions):
-            # Lets a later call on this cache without positions continue the V2PE positions (at last + 1). Only a
-            # reference to this call's positions: no tensor op per decode step.
-            last_positions = rope_position_ids if rope_position_ids is not None else position_ids
-            if last_positions is not None:
-                outputs.past_key_values.v2pe_last_positions = last_positions
         return InternVL3ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
@@ -469,20 +461,23 @@ class InternVL3Model(InternVL3PreTrainedModel):
             v2pe_strides=strides,
         )
 
-
-def _cache_has_v2pe(past_key_values: Cache | None) -> bool:
-    """A cache filled under V2PE keeps later calls on V2PE positions, whatever the mode."""
-    return getattr(past_key_values, "v2pe_last_positions", None) is not None
-
-
-def _cached_next_position(past_key_values: Cache | None, device: torch.device) -> torch.Tensor | None:
-    """Where V2PE positions continue on a non-empty cache, `(batch,)` (`None` for no or an empty cache)."""
-    if past_key_values is None or past_key_values.get_seq_length() == 0:
-        return None
-    last_positions = getattr(past_key_values, "v2pe_last_positions", None)
-    if last_positions is None:  # a cache filled without V2PE holds ordinary positions
-        return torch.tensor([float(past_key_values.get_seq_length())], device=device)
-    return last_positions[:, -1] + 1
+    def image_features(
+        self,
+        pixel_values: torch.Tensor | None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+        image_num_patches: torch.LongTensor | None,
+    ) -> torch.Tensor | None:
+        """The projected image features of this call, `(num_tiles, image_seq_length, hidden)`, or `None`."""
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            return mm_encoder_outputs["image"].pooler_output
+        if pixel_values is None:
+            return None
+        if image_num_patches is not None and int(image_num_patches.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_num_patches {image_num_patches.tolist()} sums to {int(image_num_patches.sum())} tiles but "
+                f"pixel_values holds {pixel_values.shape[0]} tiles."
+            )
+        return self.get_image_features(pixel_values, return_dict=True).pooler_output
 
 
 class InternVL3ForConditionalGeneration(
@@ -521,25 +516,34 @@ class InternVL3ForConditionalGeneration(
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, vision_feature_layer=vision_feature_layer, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        rope_position_ids: torch.Tensor | None = None,
         image_num_patches: torch.LongTensor | None = None,
         v2pe_strides: torch.LongTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
-    ) -> InternVL3CausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | InternVL3CausalLMOutputWithPast:
         r"""
+        Arguments as for `InternVL3Model.forward`, and:
+
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
             Next-token targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
@@ -552,6 +556,7 @@ class InternVL3ForConditionalGeneration(
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            rope_position_ids=rope_position_ids,
             image_num_patches=image_num_patches,
             v2pe_strides=v2pe_strides,
             mm_encoder_outputs=mm_encoder_outputs,
@@ -575,13 +580,11 @@ class InternVL3ForConditionalGeneration(
             v2pe_strides=outputs.v2pe_strides,
         )
 
+    # V2PE in `generate`: the prompt's rotary positions are computed once and travel in `model_kwargs` as
+    # `rope_position_ids`, beside transformers' integer `position_ids`, advancing by 1 per new token (as Qwen2-VL's
+    # M-RoPE positions do); the cache holds no state.
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Under V2PE, the prompt's fractional rotary positions; `generate` then continues them at last + 1.
-
-        Where V2PE gives the prompt its ordinary positions (δ = 1 for every image, or no image), `generate` keeps
-        transformers' integer positions and marks them `v2pe_ordinary_positions`: decoding then runs exactly the
-        native path. Either way each decode step only adds 1 to the last position (in `generate`).
-        """
+        """transformers' integer positions; under V2PE also the prompt's `rope_position_ids` in `model_kwargs`."""
         position_ids = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         v2pe_strides = model_kwargs.get("v2pe_strides")
         if self.config.v2pe_mode == "none" and v2pe_strides is None:
@@ -599,14 +602,49 @@ class InternVL3ForConditionalGeneration(
         if rope_position_ids.shape == position_ids.shape and torch.equal(
             rope_position_ids, position_ids.to(rope_position_ids.dtype)
         ):  # one host sync per `generate` call, none per step
-            model_kwargs["v2pe_ordinary_positions"] = True
-            return position_ids
-        return rope_position_ids
+            # Every δ is 1: the prompt gets the integer positions as they are, and decoding runs transformers'
+            # own path (`_update_model_kwargs_for_generation` drops them after the prompt).
+            rope_position_ids = position_ids
+        model_kwargs["rope_position_ids"] = rope_position_ids
+        return position_ids
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        rope_position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if rope_position_ids is not None:  # the tokens of this step, as transformers slices `position_ids`
+            model_inputs["rope_position_ids"] = rope_position_ids[..., -model_inputs["position_ids"].shape[-1] :]
+        return model_inputs
 
-# `generate` reads `inspect.signature(self.forward)` on every decode step for classes registered for an auto class
-# (transformers' remote-code `cache_position` shim): a precomputed signature makes that lookup ~4x cheaper.
-InternVL3ForConditionalGeneration.forward.__signature__ = inspect.signature(InternVL3ForConditionalGeneration.forward)
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:  # fmt: skip
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        rope_position_ids = model_kwargs.pop("rope_position_ids", None)
+        if rope_position_ids is not None and rope_position_ids.is_floating_point():
+            steps = torch.arange(1, num_new_tokens + 1, dtype=rope_position_ids.dtype, device=rope_position_ids.device)
+            model_kwargs["rope_position_ids"] = torch.cat([rope_position_ids, rope_position_ids[:, -1:] + steps], -1)
+        return model_kwargs
+
 
 InternVL3Model.register_for_auto_class("AutoModel")
 InternVL3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

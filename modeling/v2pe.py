@@ -10,6 +10,8 @@ passes through collators, DeepSpeed's dtype casting or bf16; they become floats 
 where that is exact (below 2**16) and float64 beyond.
 """
 
+from typing import Any
+
 import torch
 
 POSITION_UNITS = 256  # positions live on a 1/256 grid: an image token with stride s advances by s/256
@@ -117,3 +119,53 @@ def auto_image_strides(
         last = torch.zeros_like(chosen).scatter_reduce(0, segment.flatten(), units.flatten(), "amax")
         chosen = torch.where(last < max_position * POSITION_UNITS, stride, chosen)
     return chosen[segment_of_image]
+
+
+def choose_image_strides(
+    config: Any,
+    image_token_mask: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    sample_starts: torch.Tensor | None = None,
+    training: bool = False,
+) -> torch.LongTensor:
+    """Each image's stride (δ·256) under `config.v2pe_mode` (an `InternVL3Config`): `"random"` draws in training
+    only, `"auto"` fits each sample below `v2pe_max_position`, otherwise `config.v2pe_stride`."""
+    device = image_token_mask.device
+    num_images = int(image_spans(image_token_mask)[1])
+    if config.v2pe_mode == "random" and training:
+        choices = torch.tensor(config.v2pe_strides, device=device)
+        return choices[torch.randint(len(choices), (num_images,), device=device)]
+    if config.v2pe_mode == "auto":
+        limit = config.v2pe_max_position or config.text_config.max_position_embeddings
+        return auto_image_strides(image_token_mask, token_mask, config.v2pe_strides, limit, sample_starts)
+    return torch.full((num_images,), config.v2pe_stride, device=device, dtype=torch.long)
+
+
+def v2pe_rope_position_ids(
+    config: Any,
+    image_token_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    image_strides: torch.LongTensor | None = None,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The rotary positions `(batch, seq)` of sequences that start in this call, and the per-image strides used.
+
+    Padding (a 2-D `attention_mask`'s 0s) is skipped; integer `position_ids` mark packed samples where they are 0
+    (positions restart there); `image_strides` (one per image, row-major order) override `config.v2pe_mode`.
+    """
+    length = image_token_mask.shape[1]
+    token_mask = attention_mask[:, -length:] if attention_mask is not None and attention_mask.dim() == 2 else None
+    sample_starts = position_ids == 0 if position_ids is not None else None
+    if image_strides is None:
+        image_strides = choose_image_strides(config, image_token_mask, token_mask, sample_starts, training)
+    else:
+        num_images = int(image_spans(image_token_mask)[1])
+        if image_strides.numel() != num_images:
+            raise ValueError(
+                f"v2pe_strides holds {image_strides.numel()} strides but input_ids hold {num_images} images "
+                "(one stride per image, in order of appearance, row by row)."
+            )
+        image_strides = image_strides.to(device=image_token_mask.device, dtype=torch.long)
+    units = v2pe_position_units(image_token_mask, image_strides, token_mask, sample_starts)
+    return units_to_positions(units), image_strides

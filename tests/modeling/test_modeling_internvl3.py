@@ -443,3 +443,40 @@ def test_packed_row_isolates_samples_in_train_mode_without_use_cache_argument(mo
         logits = model(input_ids=packed, position_ids=positions).logits
         assert_close(logits[:, :4], model(input_ids=first).logits)
         assert_close(logits[:, 4:], model(input_ids=second).logits)
+
+
+# --------------------------------------------------------------------------------------------------- shared-prompt rows
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool_mask", "float_mask"])
+@pytest.mark.parametrize("attn_implementation", ATTN_IMPLEMENTATIONS)
+def test_shared_prompt_row_with_block_mask_and_rope_positions_equals_separate_rows(
+    attn_implementation, mask_dtype, tokenizer, config, model_factory, make_batch
+):
+    """One row `[prompt | chosen | rejected]` with a 4-D block mask (the rejected answer cannot see the chosen one)
+    and `rope_position_ids` continuing the rejected answer from the prompt's end gives, at every position, the
+    logits of `[prompt | chosen]` and `[prompt | rejected]` run separately, under V2PE (δ = 1/4, an image)."""
+    config.v2pe_mode, config.v2pe_delta = "fixed", 0.25
+    model = model_factory(config, attn_implementation=attn_implementation)
+    prompt = make_batch([[2]])
+    prompt_ids, pixel_values = prompt["input_ids"], prompt["pixel_values"]
+    chosen, rejected = torch.tensor([[40, 41, 42]]), torch.tensor([[50, 51, 52, 53]])
+    prompt_length, chosen_length = prompt_ids.shape[1], chosen.shape[1]
+    length = prompt_length + chosen_length + rejected.shape[1]
+    with torch.no_grad():
+        alone_chosen = model(input_ids=torch.cat([prompt_ids, chosen], 1), pixel_values=pixel_values)
+        alone_rejected = model(input_ids=torch.cat([prompt_ids, rejected], 1), pixel_values=pixel_values)
+        rope = torch.cat([alone_chosen.rope_position_ids, alone_rejected.rope_position_ids[:, prompt_length:]], 1)
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed[prompt_length + chosen_length :, prompt_length : prompt_length + chosen_length] = False
+        mask = allowed[None, None]
+        if mask_dtype != torch.bool:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        shared = model(
+            input_ids=torch.cat([prompt_ids, chosen, rejected], 1),
+            pixel_values=pixel_values,
+            attention_mask=mask,
+            rope_position_ids=rope,
+        )
+    assert rope[0, prompt_length + chosen_length] == rope[0, prompt_length] != prompt_length  # V2PE, continued
+    assert_close(shared.logits[:, : prompt_length + chosen_length], alone_chosen.logits)
+    assert_close(shared.logits[:, prompt_length + chosen_length :], alone_rejected.logits[:, prompt_length:])
+    assert torch.equal(shared.rope_position_ids, rope)

@@ -519,7 +519,7 @@ def test_naive_fractional_position_ids_are_wrong_but_plugin_float_positions_are_
     attn_implementation, tokenizer, special_ids, ctx, model_factory
 ):
     """Negative control: plain Qwen2Model reads fractional `position_ids` as packed-sequence boundaries (every image
-    token becomes its own segment) and silently gives wrong logits; the plugin's float `position_ids` only feed the
+    token becomes its own segment) and silently gives wrong logits; the plugin's `rope_position_ids` only feed the
     rotary embedding and match the reference."""
     model = model_factory(make_config(tokenizer), attn_implementation=attn_implementation)
     data = reference_case("single", special_ids, ctx)
@@ -535,7 +535,7 @@ def test_naive_fractional_position_ids_are_wrong_but_plugin_float_positions_are_
     with torch.no_grad():
         hidden = qwen(inputs_embeds=embeds.float(), position_ids=positions, use_cache=False).last_hidden_state
         naive = model.lm_head(hidden)
-        ours = model(input_ids=input_ids, pixel_values=pixel_values, position_ids=positions).logits
+        ours = model(input_ids=input_ids, pixel_values=pixel_values, rope_position_ids=positions).logits
     first_image_token = 3  # position 2.25 follows 2: transformers starts a new "sample" there
     torch.testing.assert_close(naive[:, :first_image_token], expected[:, :first_image_token], **REFERENCE_TOLERANCE)
     assert (naive[:, first_image_token:] - expected[:, first_image_token:]).abs().amax(-1).min() > 1e-3
@@ -563,7 +563,8 @@ def recompute_greedy(model, inputs: dict, max_new_tokens: int = NEW_TOKENS, **kw
 
 
 def manual_cached_greedy(model, inputs: dict, max_new_tokens: int = NEW_TOKENS, **kwargs) -> torch.Tensor:
-    """Prefill once (with `kwargs`, e.g. v2pe_strides), then decode token by token on the cache, no position_ids."""
+    """Prefill once (with `kwargs`, e.g. v2pe_strides), then decode token by token on the cache, each step at the
+    previous output's last rotary position + 1 (the caller carries the positions; the cache holds none)."""
     with torch.no_grad():
         out = model(**inputs, use_cache=True, **kwargs)
     cache, ids, mask = out.past_key_values, inputs["input_ids"], inputs["attention_mask"]
@@ -574,7 +575,8 @@ def manual_cached_greedy(model, inputs: dict, max_new_tokens: int = NEW_TOKENS, 
         if step == max_new_tokens - 1:
             break
         with torch.no_grad():
-            out = model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                        rope_position_ids=out.rope_position_ids[:, -1:] + 1)  # fmt: skip
     return ids
 
 
@@ -610,7 +612,7 @@ def test_cached_generate_equals_full_recomputation(setup, tokenizer, model_facto
 
 
 @pytest.mark.parametrize("setup", list(GENERATION_SETUPS))
-def test_manual_decode_on_cache_without_positions_equals_generate(setup, tokenizer, model_factory, make_batch):
+def test_manual_decode_on_cache_with_rope_positions_equals_generate(setup, tokenizer, model_factory, make_batch):
     model, inputs, kwargs = generation_setup(setup, tokenizer, model_factory, make_batch)
     assert torch.equal(manual_cached_greedy(model, inputs, **kwargs), greedy(model, inputs, **kwargs))
 
@@ -620,19 +622,22 @@ def test_manual_decode_on_cache_without_positions_equals_generate(setup, tokeniz
     [(dict(v2pe_mode="fixed", v2pe_delta=0.25), None), (dict(v2pe_mode="none"), [64, 64, 32])],
     ids=["fixed_mode", "none_mode_with_strides_argument"],
 )
-def test_decode_step_on_cache_continues_v2pe_positions(v2pe, strides, tokenizer, special_ids, model_factory):
-    """A decode step on the cache, without position_ids, sits at last prompt position + 1 (per row)."""
+def test_decode_step_on_v2pe_cache_needs_its_positions(v2pe, strides, tokenizer, special_ids, model_factory):
+    """The cache holds no V2PE state: a step on it without positions is refused with a pointer to
+    `rope_position_ids` (it would otherwise silently sit at the cache length), and a step given them sits there."""
     model = model_factory(make_config(tokenizer, **v2pe))
     batch = batch_from_layouts([TWO_IMAGES, "t <img> c4 </img> t2"], special_ids)
     kwargs = {"v2pe_strides": torch.tensor(strides)} if strides else {}
     with torch.no_grad():
         out = model(**batch, use_cache=True, **kwargs)
         mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=-1)
-        step = model(input_ids=torch.tensor([[30], [31]]), attention_mask=mask, past_key_values=out.past_key_values)
+        step = {"input_ids": torch.tensor([[30], [31]]), "attention_mask": mask, "past_key_values": out.past_key_values}
+        with pytest.raises(ValueError, match=r"rope_position_ids\[:, -1:\] \+ 1"):
+            model(**step, **kwargs)
+        continued = model(**step, rope_position_ids=out.rope_position_ids[:, -1:] + 1)
     # Row 0 ends at 10 (δ = 1/4, hand table), row 1 "t <img> c4 </img> t2" at 1 + ceil(4δ) + 3.
     assert out.rope_position_ids[:, -1].tolist() == [10, 5]
-    assert step.rope_position_ids is not None, "the decode step fell back to ordinary positions (cache length)"
-    assert step.rope_position_ids[:, 0].tolist() == [11, 6]
+    assert continued.rope_position_ids[:, 0].tolist() == [11, 6]
 
 
 @pytest.mark.parametrize("strides", [None, [16, 128]], ids=["fixed_delta_1/4", "mixed_strides_argument"])
