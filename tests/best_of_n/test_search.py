@@ -18,6 +18,7 @@ from internvl3_hf.best_of_n import (
     majority_vote,
     select_best,
 )
+from internvl3_hf.best_of_n.search import generate_with_shared_prefill
 from internvl3_hf.chat import build_messages, chat
 
 QUESTION = "How many shapes are in the image?"
@@ -121,6 +122,40 @@ def test_candidates_equal_plain_chat_and_run_the_vit_once(model_factory, config,
         assert [candidate.text for candidate in group] == [expected] * 3
 
 
+@pytest.mark.parametrize("v2pe", [None, "fixed", "auto"])
+def test_shared_prefill_equals_num_return_sequences(model_factory, config, processor, image, v2pe):
+    """Each prompt prefilled once and its cache repeated: every row's per-step logits within 1e-5 of
+    `generate(num_return_sequences=n)` (fp32), the same greedy tokens, also under V2PE (δ = 1/4, or per prompt
+    length), with left-padded prompts of different lengths; the language model reads each prompt once."""
+    if v2pe is not None:
+        config.v2pe_mode, config.v2pe_delta = v2pe, 0.25
+        config.v2pe_max_position = 40  # "auto": the long prompt gets a smaller δ than the short one
+    policy = model_factory(config, seed=0)
+    prompts = [
+        processor.apply_chat_template(build_messages(question, len(images), None), add_generation_prompt=True)
+        for question, images in ((QUESTION, [image]), ("Hello?", []))
+    ]
+    inputs = processor(text=prompts, images=[[image], []], padding=True, return_tensors="pt")
+    settings = dict(do_sample=True, top_k=1, max_new_tokens=5, min_new_tokens=5, output_logits=True,
+                    return_dict_in_generate=True)  # greedy (top_k=1): num_return_sequences needs sampling
+    expected = policy.generate(**inputs, num_return_sequences=3, **settings)
+    rows = []
+    hook = policy.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        shared = generate_with_shared_prefill(policy, inputs, 3, **settings)
+    finally:
+        hook.remove()
+    assert torch.equal(shared.sequences, expected.sequences)
+    assert len(shared.logits) == len(expected.logits) == 5
+    for step_logits, expected_logits in zip(shared.logits, expected.logits):
+        assert torch.allclose(step_logits, expected_logits, atol=1e-5, rtol=0)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert rows[0] == (2, prompt_length - 1)  # the prefill: each prompt once
+    assert rows[1] == (6, 1) and all(row == (6, 1) for row in rows[1:])  # then one token per sample and step
+
+
 def test_candidates_flag_truncated_and_empty_answers(policy, processor, image):
     eos = policy.config.eos_token_id
     prompt = ([QUESTION], [[image]], 3)
@@ -194,7 +229,7 @@ def rig_critic_to_reward(critic: VisualPRM, marker: int, dim: int = 0) -> None:
         first.self_attn.v_proj.weight[0, dim] = 1.0  # value head 0, channel 0 <- residual dimension `dim`
         first.self_attn.o_proj.weight[dim, 0] = 1.0  # query head 0 (reads value head 0), channel 0 -> `dim`
         text.norm.weight[dim] = 1.0
-        for token, sign in ((critic.good_id, 1.0), (critic.bad_id, -1.0)):
+        for token, sign in ((critic.reader.good_id, 1.0), (critic.reader.bad_id, -1.0)):
             model.lm_head.weight[token] = 0.0
             model.lm_head.weight[token, dim] = 50.0 * sign
 

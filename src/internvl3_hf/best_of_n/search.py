@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from ..chat import build_messages
 from .critic import Critic
@@ -192,11 +193,11 @@ def generate_candidates(
     do_sample: bool = True,
     **generate_kwargs,
 ) -> list[list[Candidate]]:
-    """Sample `n` answers per question in one batched `generate` (`num_return_sequences=n`).
+    """Sample `n` answers per question in one batched `generate` (`generate_with_shared_prefill`).
 
-    Each question's images are tiled once; `generate` runs the vision tower once on them and shares the features
-    between the `n` samples (`mm_encoder_outputs`). The policy's V2PE setting and attention backend apply as in
-    any `generate` call.
+    Each question's images are tiled once and its prompt (image tokens included) is prefilled once; the `n`
+    samples decode from copies of that cache. The policy's V2PE setting and attention backend apply as in any
+    `generate` call.
     """
     _check_n(n)
     if len(questions) != len(images):
@@ -211,12 +212,57 @@ def generate_candidates(
     inputs = processor(
         text=prompts, images=image_lists if any(image_lists) else None, padding=True, return_tensors="pt"
     ).to(model.device)
-    output = model.generate(**inputs, num_return_sequences=n, do_sample=do_sample, **generate_kwargs)
+    output = generate_with_shared_prefill(model, inputs, n, do_sample=do_sample, **generate_kwargs)
     eos_ids = _eos_ids(model, generate_kwargs)
     candidates = [
         _decode_candidate(processor, row, eos_ids) for row in output[:, inputs["input_ids"].shape[1] :].tolist()
     ]
     return [candidates[start : start + n] for start in range(0, len(candidates), n)]
+
+
+def generate_with_shared_prefill(model, inputs: Mapping[str, torch.Tensor], n: int, **generate_kwargs):
+    """`model.generate(**inputs, num_return_sequences=n, **generate_kwargs)`, with each prompt prefilled once.
+
+    `generate` expands its inputs `n` times before the prefill, so every prompt, with its thousands of image tokens
+    and its vision pass, would run `n` times. Here one forward fills a KV cache with all but the last token of each
+    prompt (the vision tower runs once per question), the cache rows are repeated `n` times
+    (`Cache.batch_repeat_interleave`), and `generate` continues from it: its first step runs the prompts' last
+    token on each copy, then samples as usual (processors, stopping criteria, streamers and all). Positions are
+    those `generate` gives the whole prompt (under V2PE the model's rotary positions, which the prefill takes
+    from the same computation), so every step's logits equal those of the `num_return_sequences` path up to float
+    rounding. Returns what `generate` returns, rows in the same order (each prompt's `n` samples together).
+    """
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if n == 1 or input_ids.shape[1] < 2:
+        return model.generate(**inputs, num_return_sequences=n, **generate_kwargs)
+    prefix = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    rope_position_ids = _v2pe_prompt_positions(model, input_ids, attention_mask)
+    if rope_position_ids is not None:
+        prefix["rope_position_ids"] = rope_position_ids[:, :-1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    model(
+        input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+        past_key_values=cache, use_cache=True, logits_to_keep=1, **prefix,
+    )  # fmt: skip
+    cache.batch_repeat_interleave(n)
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(n, dim=0),
+        attention_mask=attention_mask.repeat_interleave(n, dim=0),
+        past_key_values=cache,
+        **generate_kwargs,
+    )
+
+
+def _v2pe_prompt_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompts' V2PE rotary positions, as `generate` computes them; `None` without V2PE."""
+    if getattr(model.config, "v2pe_mode", "none") == "none":
+        return None
+    image_token_mask = model.model.get_placeholder_mask(input_ids, None)
+    rope_position_ids, _ = model.model.v2pe_positions(image_token_mask, attention_mask)
+    return rope_position_ids
 
 
 def _decode_candidate(processor, tokens: list[int], eos_ids: set[int]) -> Candidate:
@@ -326,6 +372,7 @@ __all__ = [
     "best_of_n",
     "extract_answer",
     "generate_candidates",
+    "generate_with_shared_prefill",
     "majority_vote",
     "normalize_answer",
     "select_best",
