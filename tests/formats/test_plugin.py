@@ -21,6 +21,7 @@ MODELING_FILES = {
     "processing_internvl3.py",
     "image_processing_internvl3.py",
     "chat_template.py",
+    "critic_internvl3.py",
 }
 
 # Loads a plugin checkpoint with trust_remote_code in a process where `internvl3_hf` cannot be imported, runs
@@ -74,7 +75,7 @@ def test_plugin_checkpoint_holds_code_and_auto_map(plugin_dir):
     assert MODELING_FILES <= {path.name for path in directory.iterdir()}
     auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_internvl3.InternVL3ForConditionalGeneration"
-    assert auto_map["AutoModel"] == "modeling_internvl3.InternVL3Model"
+    assert auto_map["AutoModel"] == "modeling_internvl3.InternVL3ForConditionalGeneration"  # as official checkpoints
     assert auto_map["AutoConfig"] == "configuration_internvl3.InternVL3Config"
     processor_map = json.loads((directory / "processor_config.json").read_text())["auto_map"]
     assert processor_map["AutoProcessor"] == "processing_internvl3.InternVL3Processor"
