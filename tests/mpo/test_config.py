@@ -41,7 +41,7 @@ def test_weights_follow_w_fields_or_loss_weights(tmp_path):
         ({"reward_shift_update": "mean"}, "reward_shift_update must be one of"),
         ({"reward_shift_update": "ema", "reward_shift_momentum": 1.0}, r"momentum must lie in \[0, 1\)"),
         ({"ld_alpha": 0.5}, "does not support ld_alpha"),
-        ({"precompute_ref_log_probs": True}, "does not support precompute_ref_log_probs"),
+        ({"precompute_ref_log_probs": True, "sync_ref_model": True}, "does not support sync_ref_model"),
         ({"use_weighting": True}, "does not support use_weighting"),
     ],
 )

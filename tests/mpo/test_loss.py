@@ -194,3 +194,57 @@ def test_random_v2pe_strides_are_shared_by_chosen_rejected_and_reference(tokeniz
     assert torch.equal(seen[0][: len(pairs)], seen[0][len(pairs):])
     assert trainer._metrics["train"]["rewards/chosen"] == [0.0]
     assert trainer._metrics["train"]["rewards/rejected"] == [0.0]
+
+
+def trl_row(pair: PreferencePair) -> dict:
+    """A one-image pair in TRL's conversational vision layout (typed image part, one assistant message each)."""
+    question = pair.prompt[-1]["content"].removeprefix("<image>\n")
+    return {
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair.chosen}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair.rejected}]}],
+        "images": list(pair.images),
+    }
+
+
+def test_trl_own_collator_and_loss_equal_the_shared_prompt_loss_but_for_the_newline_after_im_end(
+    model_factory, tokenizer, tmp_path
+):
+    """TRL's `DPOTrainer` end to end (its own vision collator over TRL-layout rows, the plugin processor, its own
+    `["sigmoid", "bco_pair", "sft"]` loss) against `MPOTrainer` as shipped (shared prompt, δ off).
+
+    The one difference: TRL renders the answer with the chat template's whole assistant turn, so its completion
+    mask also covers the "\\n" after `<|im_end|>` (one token per row), which the model never has to predict at
+    inference (generation stops at `<|im_end|>`); the plugin labels the answer and `<|im_end|>` only, as the
+    official InternVL code does. With that token taken out of TRL's mask the two losses agree to 1e-5.
+    """
+    reference = model_factory(seed=0)
+    policy = perturbed(reference, 0.1, seed=1)
+    processor = processor_for_config(tokenizer, reference.config)
+    pairs = synthetic_preference_pairs(3, seed=0)
+    trl = DPOTrainer(
+        copy.deepcopy(policy), ref_model=copy.deepcopy(reference), processing_class=processor,
+        args=DPOConfig(str(tmp_path / "trl"), loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                       max_length=None, **CPU),
+        train_dataset=preference_dataset(pairs),
+    )  # fmt: skip
+    mpo = mpo_trainer(policy, reference, processor, pairs, tmp_path / "mpo", reward_shift_update="none")
+    assert mpo.share_prompt
+
+    trl_batch = trl.data_collator([trl_row(pair) for pair in pairs])
+    separate = MPODataCollator(processor)(pairs)
+    real = trl_batch["attention_mask"].bool()
+    assert torch.equal(trl_batch["input_ids"][real], separate["input_ids"][separate["attention_mask"].bool()])
+    assert torch.equal(trl_batch["pixel_values"], torch.cat([separate["pixel_values"]] * 2))
+    extra = (trl_batch["completion_mask"] - separate["completion_mask"][:, : real.shape[1]]).bool()
+    assert extra.sum(1).tolist() == [1] * 2 * len(pairs)  # one token per row, nothing missing
+    newline, im_end = tokenizer.convert_tokens_to_ids(["Ċ", "<|im_end|>"])
+    assert (trl_batch["input_ids"][extra] == newline).all()
+    assert (trl_batch["input_ids"][:, :-1][extra[:, 1:]] == im_end).all()
+
+    trl_loss = trl.compute_loss(trl.model, trl_batch).item()
+    without_newline = {**trl_batch, "completion_mask": trl_batch["completion_mask"].masked_fill(extra, 0)}
+    trl_loss_answer_only = trl.compute_loss(trl.model, without_newline).item()
+    loss = mpo.compute_loss(mpo.model, mpo.data_collator(list(preference_dataset(pairs)))).item()
+    assert loss == pytest.approx(trl_loss_answer_only, abs=1e-5)
+    assert abs(trl_loss - trl_loss_answer_only) > 1e-3  # the newline is a real difference, accounted for above

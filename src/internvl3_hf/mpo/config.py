@@ -35,13 +35,25 @@ class MPOConfig(DPOConfig):
             `"ema"`, `δ ← m·δ + (1 − m)·(step mean)` starting from the first step's mean; `"none"`, δ = 0 (TRL's
             `bco_pair`).
         reward_shift_momentum (`float`, defaults to 0.99): `m` of the EMA rule.
-        share_vision_forward (`bool`, defaults to `True`): run the vision tower once per preference pair and feed
-            its features to both the chosen and the rejected rows. `False` runs it on duplicated tiles, as TRL's
-            vision collator does (same loss, twice the ViT work; kept for comparisons).
+        share_prompt (`bool`, defaults to `True`): one row per pair, `[prompt | chosen | rejected]`, so that the
+            prompt and its image tokens run through the language model once per pair (policy and reference); a mask
+            hides the chosen answer from the rejected one and the rejected answer's positions (V2PE included)
+            continue from the prompt, so every answer token gets the log-probability of its own row. Needs an
+            attention backend that takes a 4D mask: eager, sdpa or flex_attention. With flash_attention_2/3, or
+            `v2pe_mode="auto"` (δ depends on each row's length), the trainer falls back to separate rows and logs it
+            once.
+        share_vision_forward (`bool`, defaults to `True`): with separate rows, run the vision tower once per pair
+            and feed its features to both the chosen and the rejected rows. `False` runs it on duplicated tiles, as
+            TRL's vision collator does (same loss, twice the ViT work; kept for comparisons). A shared-prompt row
+            holds each image once anyway.
+        precompute_ref_log_probs (`bool`, defaults to `False`): compute the reference log-probs of every pair in
+            one pass when training starts (batches of `precompute_ref_batch_size`) instead of at every step: full
+            fine-tuning then keeps no reference copy in memory. The values are saved in each checkpoint and reused
+            on resume. Not with `v2pe_mode="random"` (the reference must see each step's δ draw).
 
     Defaults that differ from `DPOConfig`: `remove_unused_columns=False` (the collator reads `origin`, `videos`,
-    `data_augment` and `max_dynamic_patch` columns). Not supported, refused here: `precompute_ref_log_probs`,
-    `ld_alpha`, `use_weighting`, a non-default `f_divergence_type`, `padding_free`.
+    `data_augment` and `max_dynamic_patch` columns). Not supported, refused here: `ld_alpha`, `use_weighting`, a
+    non-default `f_divergence_type`, `padding_free`.
     """
 
     w_p: float = field(default=0.8, metadata={"help": "Weight of the preference (sigmoid DPO) loss."})
@@ -56,6 +68,10 @@ class MPOConfig(DPOConfig):
         metadata={"help": "δ rule: 'cumulative' (running mean), 'ema' (with reward_shift_momentum) or 'none' (δ=0)."},
     )
     reward_shift_momentum: float = field(default=0.99, metadata={"help": "EMA momentum m of the reward shift."})
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "One row per pair [prompt | chosen | rejected]: the prompt runs once (eager/sdpa/flex)."},
+    )
     share_vision_forward: bool = field(
         default=True, metadata={"help": "Run the vision tower once per preference pair (False: on duplicated tiles)."}
     )
@@ -101,11 +117,14 @@ class MPOConfig(DPOConfig):
         if not 0.0 <= self.reward_shift_momentum < 1.0:
             raise ValueError(f"MPOConfig.reward_shift_momentum must lie in [0, 1), got {self.reward_shift_momentum!r}.")
         refused = {
-            "precompute_ref_log_probs": (self.precompute_ref_log_probs, "the reference runs on the fly with the images"),
             "ld_alpha": (self.ld_alpha is not None, "MPO sums the log-probs of the whole answer"),
             "use_weighting": (self.use_weighting, "WPO weights are not part of MPO"),
             "f_divergence_type": (self.f_divergence_type != "reverse_kl", "the quality loss needs reverse KL rewards"),
             "padding_free": (self.padding_free, "TRL's DPO has no padding-free path either"),
+            "sync_ref_model": (
+                self.sync_ref_model and self.precompute_ref_log_probs,
+                "precomputed reference log-probs assume a fixed reference",
+            ),
         }
         for name, (is_set, reason) in refused.items():
             if is_set:

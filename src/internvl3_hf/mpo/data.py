@@ -354,53 +354,107 @@ def preference_dataset(pairs: list[PreferencePair]):
 class MPODataCollator:
     """Collates preference rows (dataset rows in either layout, or `PreferencePair`s) for `MPOTrainer`.
 
-    Output, for B pairs: `input_ids`, `attention_mask`, `completion_mask` of shape `(2B, L)`, right-padded, rows
-    `[chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}]` (TRL's layout), `completion_mask` 1 exactly on the
-    answer tokens and their `<|im_end|>`; and, when there are images, `pixel_values` holding each pair's tiles
-    ONCE (`(tiles, 3, S, S)`, pair order) with `image_num_patches` (tiles per image span, pair order).
+    Two layouts, for B pairs, right-padded:
+
+    - separate rows (`share_prompt=False`, TRL's layout): `input_ids`, `attention_mask`, `completion_mask` of shape
+      `(2B, L)`, rows `[chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}]`;
+    - shared prompt (`share_prompt=True`): `(B, L)`, one row per pair `[prompt | chosen | p | rejected]`, where `p`
+      repeats the prompt's last token so that the first rejected token is predicted from the same hidden state as
+      in its own row; `segment_ids` marks the prompt 0, its last token and the chosen part 1, `p` and the rejected
+      part 2 (padding 0).
+      The trainer builds the mask that hides the chosen part from the rejected one, and the positions that make the
+      rejected part continue from the prompt.
+
+    `completion_mask` is 1 exactly on the answer tokens and their `<|im_end|>`. With images: `pixel_values` holding
+    each pair's tiles ONCE (`(tiles, 3, S, S)`, pair order) with `image_num_patches` (tiles per image, pair order).
+    Rows that carry precomputed `ref_chosen_logps`/`ref_rejected_logps` pass them on as `(B,)` tensors.
 
     A pair that fails only now (an image that cannot be decoded) is logged, counted in `dropped` and replaced by
     the previous good pair, so that a long run does not stop; it raises if no pair has been good yet.
     """
 
-    def __init__(self, processor, max_length: int | None = None, seed: int | None = None):
+    def __init__(self, processor, max_length: int | None = None, seed: int | None = None, share_prompt: bool = False):
         self.encoder = PreferenceEncoder(processor, max_length, seed)
         self.pad_token_id = processor.tokenizer.pad_token_id
+        self.share_prompt = share_prompt
         self.dropped: Counter = Counter()
-        self._last_good: EncodedPair | None = None
+        self._last_good: tuple[EncodedPair, tuple[float, float] | None] | None = None
 
     def encode(self, row: dict | PreferencePair) -> EncodedPair:
         pair = row if isinstance(row, PreferencePair) else pair_from_row(dict(row), "row")
         return self.encoder.encode(pair)
 
     def __call__(self, rows: list) -> dict[str, torch.Tensor]:
-        pairs = []
+        pairs, reference = [], []
         for row in rows:
             try:
-                pairs.append(self.encode(row))
-                self._last_good = pairs[-1]
+                encoded = (self.encode(row), _reference_logps(row))
+                self._last_good = encoded
             except DataError as error:
                 self.dropped[drop_reason(error)] += 1
                 if self._last_good is None:
                     raise
                 logger.warning("replaced a preference pair that failed to load by the previous one: %s", error)
-                pairs.append(self._last_good)
-        return self.collate(pairs)
+                encoded = self._last_good
+            pairs.append(encoded[0])
+            reference.append(encoded[1])
+        batch = self.collate(pairs)
+        if all(values is not None for values in reference):
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = torch.tensor(reference, dtype=torch.float32).T
+        return batch
 
     def collate(self, pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
-        rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
-        width = max(len(row.input_ids) for row in rows)
+        rows = [_shared_row(pair) for pair in pairs] if self.share_prompt else _separate_rows(pairs)
+        width = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            length = len(row.input_ids)
-            input_ids[index, :length] = torch.tensor(row.input_ids)
-            attention_mask[index, :length] = 1
-            completion_mask[index, :length] = torch.tensor(row.labels) != IGNORE_INDEX
+        segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, (ids, completion, segments) in enumerate(rows):
+            input_ids[index, : len(ids)] = torch.tensor(ids)
+            attention_mask[index, : len(ids)] = 1
+            completion_mask[index, : len(ids)] = torch.tensor(completion)
+            segment_ids[index, : len(ids)] = torch.tensor(segments)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        if self.share_prompt:
+            batch["segment_ids"] = segment_ids
         tiles = [pair.pixel_values for pair in pairs if pair.pixel_values is not None]
         if tiles:
             batch["pixel_values"] = torch.cat(tiles)
             batch["image_num_patches"] = torch.tensor([n for pair in pairs for n in pair.image_num_patches])
         return batch
+
+
+PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT = 0, 1, 2
+
+
+def _completion(row: EncodedSample) -> list[int]:
+    return [int(label != IGNORE_INDEX) for label in row.labels]
+
+
+def _separate_rows(pairs: list[EncodedPair]) -> list[tuple[list[int], list[int], list[int]]]:
+    rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    return [(row.input_ids, _completion(row), [PROMPT_SEGMENT] * len(row.input_ids)) for row in rows]
+
+
+def _shared_row(pair: EncodedPair) -> tuple[list[int], list[int], list[int]]:
+    """`[prompt | chosen | last prompt token | rejected]`, its completion mask and segment ids."""
+    chosen, rejected = pair.chosen, pair.rejected
+    start = _answer_start(chosen)  # the prompt is `input_ids[:start]` in both rows (checked by the encoder)
+    ids = chosen.input_ids + [chosen.input_ids[start - 1]] + rejected.input_ids[start:]
+    completion = _completion(chosen) + [0] + _completion(rejected)[start:]
+    # The prompt's last token opens the chosen segment and its copy the rejected one: each answer then sees the
+    # prompt up to that token exactly once, as in its own row.
+    segments = (
+        [PROMPT_SEGMENT] * (start - 1)
+        + [CHOSEN_SEGMENT] * (len(chosen.input_ids) - start + 1)
+        + [REJECTED_SEGMENT] * (len(rejected.input_ids) - start + 1)
+    )
+    return ids, completion, segments
+
+
+def _reference_logps(row) -> tuple[float, float] | None:
+    """Precomputed reference log-probs a dataset row carries (`ref_chosen_logps`, `ref_rejected_logps`), if any."""
+    if not isinstance(row, dict) or row.get("ref_chosen_logps") is None or row.get("ref_rejected_logps") is None:
+        return None
+    return float(row["ref_chosen_logps"]), float(row["ref_rejected_logps"])

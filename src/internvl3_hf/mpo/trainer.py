@@ -9,25 +9,31 @@
 
 each pair term averaged over the micro-batch. With δ = 0 this is TRL's `loss_type=["sigmoid", "bco_pair", "sft"]`.
 
-What this subclass changes, through public hooks only (`compute_loss`, `compute_ref_log_probs` reuse, `train`, the
-collator, a callback):
+What this subclass changes, through public hooks (`compute_loss`, `compute_ref_log_probs`, `train`, `evaluate`,
+the collator, a callback):
 
 - δ. The original TRL `RunningMoments` updated δ on every micro-batch (train and eval) and never checkpointed it.
   Here δ moves once per optimizer step, from the rewards of the whole step (every gradient-accumulation
   micro-batch, summed across data-parallel ranks with one all-reduce), only in training; every micro-batch of a
   step uses the δ of the previous steps. It is saved as `mpo_reward_shift.json` in each checkpoint and restored
   by `train(resume_from_checkpoint=...)`.
-- The vision tower runs once per preference pair: the collator keeps one copy of each pair's tiles and the forward
+- The prompt runs once per pair (`MPOConfig.share_prompt`, the default): one row `[prompt | chosen | p | rejected]`
+  per pair with a mask that hides the chosen answer from the rejected one, for the policy and the reference. With
+  separate rows (the fallback, or `share_prompt=False`) the vision tower still runs once per pair: the forward
   receives `mm_encoder_outputs` whose features are computed on first use, inside the model's forward (so under
   DDP/ZeRO hooks, autocast, and, for the reference, `no_grad` and the disabled adapters), then repeated for the
   chosen and rejected rows. TRL's vision collator duplicates the images and runs the ViT on both copies.
 - The reference model: an explicit frozen copy of the policy for full fine-tuning (TRL would reload it from
   `config._name_or_path`, which an in-memory model does not have), except under ZeRO-3, where TRL loads it from
-  the checkpoint path; for PEFT, none: TRL computes the reference with the adapters disabled.
+  the checkpoint path; for PEFT, none: the reference is the policy with its adapters disabled. With
+  `precompute_ref_log_probs=True`, one reference pass over the datasets runs when training starts (TRL refuses
+  this option for vision datasets), no reference copy is kept for full fine-tuning, and the values are saved as
+  `mpo_reference_logps.pt` in each checkpoint and reused on resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,20 +43,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import AutoProcessor, TrainerCallback
+from transformers.masking_utils import create_causal_mask
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import get_config_model_id
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, use_adapter
 
+from ..data.encoding import IGNORE_INDEX
 from ..sft import make_fused_forward_copy_safe
 from .config import MPOConfig
-from .data import MPODataCollator, PreferencePair, preference_dataset
+from .data import CHOSEN_SEGMENT, REJECTED_SEGMENT, MPODataCollator, PreferencePair, preference_dataset
 
 logger = logging.getLogger(__name__)
 
 REWARD_SHIFT_FILE = "mpo_reward_shift.json"
+REFERENCE_LOGPS_FILE = "mpo_reference_logps.pt"
+# Attention backends that take the shared-prompt 4D mask (flash attention's varlen kernels do not).
+SHARE_PROMPT_BACKENDS = ("eager", "sdpa", "flex_attention")
 # Batch keys that are not forwarded to the model as they are.
-_BATCH_ONLY_KEYS = {"completion_mask", "pixel_values", "image_num_patches", "ref_chosen_logps", "ref_rejected_logps"}
+_BATCH_ONLY_KEYS = {
+    "completion_mask", "segment_ids", "pixel_values", "image_num_patches", "v2pe_strides", "ref_chosen_logps",
+    "ref_rejected_logps",
+}  # fmt: skip
+TERM_METRICS = {"sigmoid": "mpo/preference_loss", "bco_pair": "mpo/quality_loss", "sft": "mpo/generation_loss"}
 
 
 # --------------------------------------------------------------------------------------------------- reward shift
@@ -125,23 +142,6 @@ class RewardShift:
         return True
 
 
-class RewardShiftCallback(TrainerCallback):
-    """Moves δ at the end of each optimizer step and writes it into each checkpoint."""
-
-    def __init__(self, trainer: MPOTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        trainer.reward_shift.step(lambda tensor: trainer.accelerator.reduce(tensor, "sum"), trainer.accelerator.device)
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if directory.is_dir():
-                self.trainer.reward_shift.save(directory)
-
-
 # --------------------------------------------------------------------------------------------------- ViT once
 class SharedImageFeatures:
     """Stands in for the `BaseModelOutputWithPooling` of `mm_encoder_outputs["image"]`.
@@ -164,6 +164,30 @@ class SharedImageFeatures:
         return self._features
 
 
+# --------------------------------------------------------------------------------------------------- shared prompt
+def hide_chosen_from_rejected(segment_ids: torch.Tensor) -> Callable:
+    """transformers mask function (`and_mask_function` of `create_causal_mask`): a rejected-answer query never
+    sees a chosen-answer key; together with the causal mask each answer sees the prompt and itself only."""
+
+    def mask_function(batch_idx, head_idx, q_idx, kv_idx):
+        return ~((segment_ids[batch_idx, q_idx] == REJECTED_SEGMENT) & (segment_ids[batch_idx, kv_idx] == CHOSEN_SEGMENT))
+
+    return mask_function
+
+
+def shared_prompt_mask(text_config, inputs_embeds_like: torch.Tensor, attention_mask: torch.Tensor, segment_ids):
+    """The attention mask of `[prompt | chosen | p | rejected]` rows in the format of `text_config`'s attention
+    backend (a float mask for eager, a boolean one for sdpa, a `BlockMask` for flex_attention), built by
+    transformers' own `create_causal_mask`; the model passes a 4D mask through as it is."""
+    return create_causal_mask(
+        config=text_config,
+        inputs_embeds=inputs_embeds_like,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        and_mask_function=hide_chosen_from_rejected(segment_ids),
+    )
+
+
 # --------------------------------------------------------------------------------------------------- trainer
 class MPOTrainer(DPOTrainer):
     """TRL's `DPOTrainer` with the MPO loss (reward shift δ included) for InternVL3.
@@ -173,6 +197,16 @@ class MPOTrainer(DPOTrainer):
     `PreferencePair`s. Without `data_collator`, an `MPODataCollator(processing_class, max_length)` is used.
     Logged on top of TRL's metrics: `mpo/preference_loss` (L_p), `mpo/quality_loss` (L_q), `mpo/generation_loss`
     (L_g) and `mpo/reward_shift` (δ).
+
+    With `share_prompt` (the default) each pair is one row `[prompt | chosen | p | rejected]` (see
+    `MPODataCollator`): the prompt, with its image tokens, runs through the language model once per pair, for the
+    policy and for the reference. The rejected part sees the prompt but not the chosen part (a 4D mask built by
+    transformers' `create_causal_mask` for the model's attention backend: eager, sdpa or flex_attention), and its
+    positions continue from the prompt's end exactly as in its own row (V2PE positions included, computed by the
+    model's `v2pe_positions`). Every answer token gets the log-probability it gets in its own row. The flash
+    attention backends take no such mask (their varlen kernels know only causal segments), nor can
+    `v2pe_mode="auto"` share a prompt (δ depends on each row's length): there the trainer falls back to separate
+    rows and says so once in the log.
     """
 
     _tag_names = ["trl", "dpo", "mpo", "internvl3"]
@@ -199,13 +233,23 @@ class MPOTrainer(DPOTrainer):
         if not isinstance(args, MPOConfig):
             kind = "a DPOConfig" if isinstance(args, DPOConfig) else type(args).__name__
             raise TypeError(f"MPOTrainer needs an MPOConfig (w_p, w_q, w_g, reward shift), got {kind}.")
-        if ref_model is None and peft_config is None and not isinstance(model, str) and not _is_peft(model):
-            zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
-            if not zero3:  # ZeRO-3 shards at load time: TRL reloads the reference from the checkpoint instead
+        precompute = args.precompute_ref_log_probs
+        if precompute and not isinstance(model, str) and getattr(model.config, "v2pe_mode", "none") == "random":
+            raise ValueError(
+                "precompute_ref_log_probs=True cannot be used with v2pe_mode='random': the reference must see the δ "
+                "each training step draws. Use v2pe_mode='fixed' or compute the reference on the fly."
+            )
+        full_fine_tuning = ref_model is None and peft_config is None and not isinstance(model, str)
+        full_fine_tuning = full_fine_tuning and not _is_peft(model)
+        zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
+        if full_fine_tuning and not zero3:  # ZeRO-3 shards at load time: TRL reloads the reference instead
+            if precompute and args.deepspeed_plugin is None:
+                # The reference log-probs come from the policy before training: no copy is kept. TRL builds a
+                # reference whenever it is given none and thinks nothing is precomputed; one sharing the policy's
+                # tensors costs no memory and is dropped right after.
+                ref_model = _tensor_sharing_copy(model)
+            else:
                 ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-                # A model that already went through a TRL trainer carries a patched instance `forward` whose
-                # closure still calls the ORIGINAL model: drop it so that the copy runs its own weights.
-                ref_model.__dict__.pop("forward", None)
         if data_collator is None:
             if processing_class is None:
                 name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -217,30 +261,63 @@ class MPOTrainer(DPOTrainer):
             eval_dataset = {name: _as_preference_dataset(dataset) for name, dataset in eval_dataset.items()}
         else:
             eval_dataset = _as_preference_dataset(eval_dataset)
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-        for patched in (self.model.get_base_model() if _is_peft(self.model) else self.model, self.ref_model):
-            if patched is not None:
-                make_fused_forward_copy_safe(patched)
+        # TRL refuses precompute_ref_log_probs for vision datasets; this trainer runs its own pass (in `train`).
+        args.precompute_ref_log_probs = False
+        try:
+            super().__init__(
+                model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.precompute_ref_log_probs = precompute
+        if precompute and full_fine_tuning and args.deepspeed_plugin is None:
+            self.ref_model = None
+        make_fused_forward_copy_safe(self._internvl3(self.model))
+        if self.ref_model is not None:
+            make_fused_forward_copy_safe(self.ref_model)
         self.term_weights = args.term_weights
         self.reward_shift = RewardShift(args.reward_shift_update, args.reward_shift_momentum)
-        self.add_callback(RewardShiftCallback(self))
+        self.reference_logps: dict[str, torch.Tensor] = {}
+        self.share_prompt = self._share_prompt_supported()
+        if isinstance(self.data_collator, MPODataCollator):
+            self.data_collator.share_prompt = self.share_prompt
+        self._num_train_tokens = 0
+        self.add_callback(MPOCheckpointCallback(self))
+
+    def _internvl3(self, model):
+        """The `InternVL3ForConditionalGeneration` under any DDP/DeepSpeed/PEFT wrapper."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.get_base_model() if _is_peft(unwrapped) else unwrapped
+
+    def _share_prompt_supported(self) -> bool:
+        if not self.args.share_prompt:
+            return False
+        config = self._internvl3(self.model).config
+        backend = config.get_text_config()._attn_implementation
+        reason = None
+        if backend not in SHARE_PROMPT_BACKENDS:
+            reason = f"the {backend!r} attention backend takes no custom mask (supported: {SHARE_PROMPT_BACKENDS})"
+        elif getattr(config, "v2pe_mode", "none") == "auto":
+            reason = "v2pe_mode='auto' picks δ from each row's own length"
+        if reason is not None:
+            logger.warning("MPOConfig.share_prompt: %s; the chosen and rejected answers run as separate rows.", reason)
+            return False
+        return True
 
     # ----------------------------------------------------------------------------------------------- resume
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`, restoring δ from `mpo_reward_shift.json` when resuming."""
+        """`Trainer.train`, restoring δ (and the precomputed reference log-probs) from a checkpoint when resuming;
+        with `precompute_ref_log_probs`, the reference pass over the datasets runs first."""
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
@@ -249,35 +326,116 @@ class MPOTrainer(DPOTrainer):
                 logger.info("restored the MPO reward shift δ=%.6g from %s", self.reward_shift.value, checkpoint)
             elif self.args.reward_shift_update != "none":
                 logger.warning("%s holds no %s: the reward shift δ starts again from 0.", checkpoint, REWARD_SHIFT_FILE)
+        if self.args.precompute_ref_log_probs:
+            saved = _load_reference_logps(checkpoint)
+            self.train_dataset = self._with_reference_logps(self.train_dataset, "train", saved)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._with_reference_logps(dataset, f"eval_{name}", saved)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval", saved)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------- forward
-    def _image_encoder(self, model) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`get_image_features` of the InternVL3 model under any DDP/DeepSpeed/PEFT wrapper."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        if _is_peft(unwrapped):
-            unwrapped = unwrapped.get_base_model()
-        return unwrapped.get_image_features
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`DPOTrainer.evaluate`; with `precompute_ref_log_probs`, a dataset given here gets its reference pass first."""
+        if self.args.precompute_ref_log_probs and eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = _as_preference_dataset(eval_dataset)
+            eval_dataset = self._with_reference_logps(eval_dataset, metric_key_prefix, {})
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
+    # ----------------------------------------------------------------------------------------------- reference
+    def _with_reference_logps(self, dataset, name: str, saved: dict[str, torch.Tensor]):
+        """`dataset` with `ref_chosen_logps`/`ref_rejected_logps` columns: from `saved` (a checkpoint) when they
+        match its length, else from one reference pass in dataset order."""
+        if dataset is None or "ref_chosen_logps" in (dataset.column_names or []):
+            return dataset
+        if not hasattr(dataset, "add_column"):
+            raise ValueError("precompute_ref_log_probs=True needs map-style datasets (datasets.Dataset).")
+        values = saved.get(name)
+        if values is None or values.shape[0] != len(dataset):
+            if self.ref_model is None and not _is_peft(self.accelerator.unwrap_model(self.model)):
+                if self.state.global_step > 0:
+                    raise ValueError(
+                        f"Cannot compute reference log-probs for the {name!r} dataset after training started: "
+                        "with precompute_ref_log_probs=True and full fine-tuning no reference copy is kept. Give the "
+                        "dataset as eval_dataset when building the trainer, or pass a ref_model."
+                    )
+            values = self.precompute_reference_logps(dataset)
+        self.reference_logps[name] = values
+        dataset = dataset.add_column("ref_chosen_logps", values[:, 0].tolist())
+        return dataset.add_column("ref_rejected_logps", values[:, 1].tolist())
+
+    @torch.no_grad()
+    def precompute_reference_logps(self, dataset) -> torch.Tensor:
+        """`(len(dataset), 2)` reference log-probs (chosen, rejected) of every pair, in dataset order, in one pass
+        (batches of `precompute_ref_batch_size`, sharded over the ranks). The reference is the `ref_model`, the
+        policy with its adapters disabled (PEFT) or, for full fine-tuning, the policy before training."""
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        loader = DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers,
+        )  # fmt: skip
+        loader = self.accelerator.prepare(loader)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        was_training = reference.training
+        reference.eval()
+        values = []
+        try:
+            for batch in loader:
+                chosen, rejected = self.compute_ref_log_probs(reference, batch)
+                chosen, rejected = self.accelerator.gather_for_metrics((chosen, rejected))
+                values.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+        finally:
+            reference.train(was_training)
+        return torch.cat(values)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs `(chosen, rejected)` of the batch's pairs in either layout: no grad, gradient
+        checkpointing off, autocast, adapters disabled for a PEFT policy without `ref_model` (TRL's handling)."""
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and _is_peft(self.accelerator.unwrap_model(self.model)):
+            peft_model = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            answers = self.answer_logps(model, inputs)
+        return answers.chosen_logps, answers.rejected_logps
+
+    # ----------------------------------------------------------------------------------------------- forward
     def _v2pe_strides(self, inputs: dict) -> torch.Tensor | None:
-        """Under `v2pe_mode="random"`, one stride per image drawn once per pair: the chosen row, the rejected row
-        and the reference then all see the same positions (the model would otherwise draw per call)."""
-        config = self.accelerator.unwrap_model(self.model).config
-        if getattr(config, "v2pe_mode", "none") != "random" or not self.model.training:
-            return None
+        """Per-image V2PE strides of the batch: `inputs["v2pe_strides"]` if given; under `v2pe_mode="random"` in
+        training, one drawn per image of each pair, so that the chosen answer, the rejected one and the reference
+        all see the same positions (the model would otherwise draw per call)."""
+        if inputs.get("v2pe_strides") is not None:
+            return inputs["v2pe_strides"]
+        config = self._internvl3(self.model).config
         patches = inputs.get("image_num_patches")
-        if patches is None or "v2pe_strides" in inputs:
+        if getattr(config, "v2pe_mode", "none") != "random" or not self.model.training or patches is None:
             return None
         choices = torch.tensor(config.v2pe_strides, device=patches.device, dtype=torch.long)
         return choices[torch.randint(len(choices), (len(patches),), device=patches.device)]
 
     def model_inputs(self, model, inputs: dict, v2pe_strides: torch.Tensor | None = None) -> dict:
-        """Forward kwargs for the `2B` chosen+rejected rows from a batch holding each pair's tiles once."""
+        """Forward kwargs for a batch in either layout (see `MPODataCollator`), each pair's tiles given once.
+
+        Separate rows: `2B` rows, the ViT features computed once and repeated for the two halves (or, with
+        `share_vision_forward=False`, the tiles duplicated). Shared prompt: `B` rows with their 4D mask and
+        explicit positions.
+        """
+        v2pe_strides = v2pe_strides if v2pe_strides is not None else inputs.get("v2pe_strides")
         kwargs = {key: value for key, value in inputs.items() if key not in _BATCH_ONLY_KEYS}
+        if "segment_ids" in inputs:
+            return {**kwargs, **self._shared_prompt_inputs(model, inputs, v2pe_strides)}
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
             if self.args.share_vision_forward:
-                features = SharedImageFeatures(self._image_encoder(model), pixel_values)
+                features = SharedImageFeatures(self._internvl3(model).get_image_features, pixel_values)
                 kwargs["mm_encoder_outputs"] = {"image": features}
             else:
                 kwargs["pixel_values"] = torch.cat([pixel_values, pixel_values])
@@ -287,23 +445,67 @@ class MPOTrainer(DPOTrainer):
             kwargs["v2pe_strides"] = torch.cat([v2pe_strides, v2pe_strides])
         return kwargs
 
+    def _shared_prompt_inputs(self, model, inputs: dict, v2pe_strides: torch.Tensor | None) -> dict:
+        """4D mask, positions, tiles (once per row, i.e. once per pair) for `[prompt | chosen | p | rejected]` rows."""
+        internvl3 = self._internvl3(model)
+        text_config = internvl3.config.get_text_config()
+        input_ids, token_mask, segment_ids = inputs["input_ids"], inputs["attention_mask"], inputs["segment_ids"]
+        embedding_dtype = internvl3.get_input_embeddings().weight.dtype
+        shape_probe = torch.empty((*input_ids.shape, 0), dtype=embedding_dtype, device=input_ids.device)
+        position_ids, rope_position_ids = self.shared_prompt_positions(internvl3, inputs, v2pe_strides)
+        kwargs = {
+            "attention_mask": shared_prompt_mask(text_config, shape_probe, token_mask, segment_ids),
+            "position_ids": position_ids,
+        }
+        if rope_position_ids is not None:
+            kwargs["rope_position_ids"] = rope_position_ids
+        if inputs.get("pixel_values") is not None:
+            kwargs["pixel_values"] = inputs["pixel_values"]
+            if inputs.get("image_num_patches") is not None:
+                kwargs["image_num_patches"] = inputs["image_num_patches"]
+        return kwargs
+
+    @staticmethod
+    def shared_prompt_positions(
+        internvl3, inputs: dict, v2pe_strides: torch.Tensor | None = None
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Integer and, under V2PE, rotary positions of `[prompt | chosen | p | rejected]` rows: those of
+        `[prompt | chosen]` in its own row, then `p` and the rejected answer back at the prompt's last position and
+        on, as in the rejected row's own layout.
+
+        The rotary positions are the model's own V2PE positions (`v2pe_positions`) of the whole row; answers hold no
+        image, so moving the rejected part back by the length of the chosen segment (the prompt's last token and the
+        chosen answer) is exact. Without V2PE (mode "none", no strides) they are `None`: the integer positions are
+        the rotary ones.
+        """
+        token_mask, segment_ids = inputs["attention_mask"], inputs["segment_ids"]
+        chosen_length = (segment_ids == CHOSEN_SEGMENT).sum(1, keepdim=True)
+        shift = chosen_length * (segment_ids == REJECTED_SEGMENT)
+        position_ids = (token_mask.long().cumsum(1) - 1).clamp(min=0) - shift
+        config = internvl3.config
+        if getattr(config, "v2pe_mode", "none") == "none" and v2pe_strides is None:
+            return position_ids, None
+        image_token_mask = inputs["input_ids"] == config.image_token_id
+        rope_position_ids, _ = internvl3.model.v2pe_positions(image_token_mask, token_mask, v2pe_strides=v2pe_strides)
+        return position_ids, rope_position_ids - shift.to(rope_position_ids.dtype)
+
+    def answer_logps(self, model, inputs: dict) -> AnswerLogps:
+        """One fused-head forward of `model` over the batch, split into the chosen and rejected answers."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        outputs = model(**self.model_inputs(model, inputs), labels=labels, use_cache=False, fused_lm_head=True)
+        return AnswerLogps(outputs, inputs)
+
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
-        shift_completion_mask = completion_mask[..., 1:]
-        seq_len = shift_completion_mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        strides = self._v2pe_strides(inputs)
-
-        forward_kwargs = self.model_inputs(model, inputs, strides)
-        outputs = model(**forward_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
-
-        reference = self.ref_model if self.ref_model is not None else self.model
-        ref_inputs = {**self.model_inputs(reference, inputs, strides), "completion_mask": completion_mask}
-        ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, ref_inputs)
+        inputs = {**inputs, "v2pe_strides": self._v2pe_strides(inputs)}
+        answers = self.answer_logps(model, inputs)
+        chosen_logps, rejected_logps = answers.chosen_logps, answers.rejected_logps
+        if inputs.get("ref_chosen_logps") is not None:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
 
         chosen_logratios = chosen_logps - ref_chosen_logps
         rejected_logratios = rejected_logps - ref_rejected_logps
@@ -319,65 +521,131 @@ class MPOTrainer(DPOTrainer):
             elif loss_type == "bco_pair":
                 term = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
             else:  # "sft"
-                chosen_mask, _ = shift_completion_mask.chunk(2, dim=0)
-                chosen_per_token_logps, _ = per_token_logps.chunk(2, dim=0)
-                term = -chosen_per_token_logps[chosen_mask.bool()].mean()
+                tokens, mask = answers.chosen(answers.per_token_logps)
+                term = -tokens[mask].mean()
             terms[loss_type] = term.mean()
             loss += terms[loss_type] * weight
 
         if mode == "train":
             self.reward_shift.observe(torch.cat([chosen_rewards, rejected_rewards]))
-        logps, rewards = (chosen_logps, rejected_logps), (chosen_rewards, rejected_rewards)
-        self._log_metrics(mode, inputs, outputs, terms, delta, logps, rewards)
+        self._log_metrics(mode, inputs, answers, terms, delta, (chosen_rewards, rejected_rewards))
 
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**self.model_inputs(model, inputs, strides), use_cache=False)
+                outputs = model(**self.model_inputs(model, inputs), use_cache=False)
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode, inputs, outputs, terms, delta, logps, rewards):
-        """TRL's metrics (same names and reductions) plus the three MPO terms and δ."""
-        (chosen_logps, rejected_logps), (chosen_rewards, rejected_rewards) = logps, rewards
+    def _log_metrics(self, mode, inputs, answers: AnswerLogps, terms, delta, rewards):
+        """TRL's metrics (same names and reductions), the three MPO terms and δ, into TRL's metric store (which
+        `DPOTrainer.log` averages)."""
+        chosen_rewards, rejected_rewards = (reward.detach() for reward in rewards)
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        shift_completion_mask = inputs["completion_mask"][..., 1:]
-        seq_len = shift_completion_mask.size(1)
-        chosen_mask, rejected_mask = shift_completion_mask.chunk(2, dim=0)
 
-        names = {"sigmoid": "mpo/preference_loss", "bco_pair": "mpo/quality_loss", "sft": "mpo/generation_loss"}
+        def token_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+            total, count = gather(values[mask].sum()).sum(), gather(mask.sum()).sum()
+            return (total / count).item() if count > 0 else 0.0
+
         for loss_type, value in terms.items():
-            metrics[names[loss_type]].append(gather(value.detach()).mean().item())
+            metrics[TERM_METRICS[loss_type]].append(gather(value.detach()).mean().item())
         metrics["mpo/reward_shift"].append(float(delta))
-
+        outputs = answers.outputs
         if outputs.entropy is not None:
-            entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_completion_mask).sum()).sum()
-            total = gather(shift_completion_mask.sum()).sum()
-            metrics["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+            entropy = answers.align(outputs.entropy.detach())
+            metrics["entropy"].append(token_mean(entropy, answers.completion_mask))
         if mode == "train":
-            tokens = gather(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+            tp_size = getattr(self.accelerator.parallelism_config, "tp_size", None) or 1
+            self._num_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // tp_size
+        metrics["num_tokens"] = [self._num_train_tokens]
         if outputs.mean_logits is not None:
-            chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].detach().chunk(2, dim=0)
-            for name, logits, mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
-                total_logits = gather(logits[mask.bool()].sum()).sum().item()
-                total_tokens = gather(mask.sum()).sum().item()
-                metrics[f"logits/{name}"].append(total_logits / total_tokens if total_tokens > 0 else 0.0)
+            mean_logits = answers.align(outputs.mean_logits.detach())
+            metrics["logits/chosen"].append(token_mean(*answers.chosen(mean_logits)))
+            metrics["logits/rejected"].append(token_mean(*answers.rejected(mean_logits)))
         if outputs.is_top1 is not None:
-            chosen_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
-            correct = gather((chosen_top1 & chosen_mask.bool()).sum()).sum()
-            total = gather(chosen_mask.sum()).sum()
-            metrics["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+            metrics["mean_token_accuracy"].append(token_mean(*answers.chosen(answers.align(outputs.is_top1).float())))
 
-        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
-        accuracies = (chosen_rewards > rejected_rewards).float()
-        metrics["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
-        metrics["rewards/margins"].append(self.accelerator.gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps.detach()).mean().item())
+        for name, value in (
+            ("rewards/chosen", chosen_rewards),
+            ("rewards/rejected", rejected_rewards),
+            ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+            ("rewards/margins", chosen_rewards - rejected_rewards),
+            ("logps/chosen", answers.chosen_logps.detach()),
+            ("logps/rejected", answers.rejected_logps.detach()),
+        ):
+            metrics[name].append(self.accelerator.gather(value).mean().item())
+
+
+class AnswerLogps:
+    """The fused head's per-token outputs of a batch, split by answer, for either layout.
+
+    `per_token_logps` `(rows, L-1)` are next-token log-probs (0 off the answers). Separate rows: chosen rows are
+    the first half, rejected the second. Shared prompt: every row holds both, told apart by `segment_ids`.
+    """
+
+    def __init__(self, outputs, inputs: dict):
+        self.outputs = outputs
+        completion_mask = inputs["completion_mask"][:, 1:].bool()
+        self.completion_mask = completion_mask
+        self.per_token_logps = self.align(outputs.log_probs)
+        if "segment_ids" in inputs:
+            label_segments = inputs["segment_ids"][:, 1:]
+            self._chosen_mask = completion_mask & (label_segments == CHOSEN_SEGMENT)
+            self._rejected_mask = completion_mask & (label_segments == REJECTED_SEGMENT)
+            self._split = lambda values: (values, values)
+        else:
+            self._chosen_mask, self._rejected_mask = completion_mask.chunk(2, dim=0)
+            self._split = lambda values: values.chunk(2, dim=0)
+        self.chosen_logps = self._answer_sum(*self.chosen(self.per_token_logps))
+        self.rejected_logps = self._answer_sum(*self.rejected(self.per_token_logps))
+
+    def align(self, values: torch.Tensor) -> torch.Tensor:
+        """The last `L-1` positions (prompt-learning PEFT prepends virtual tokens to the outputs)."""
+        return values[:, -self.completion_mask.shape[1] :]
+
+    def chosen(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split(values)[0], self._chosen_mask
+
+    def rejected(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split(values)[1], self._rejected_mask
+
+    @staticmethod
+    def _answer_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (values * mask).sum(dim=1)
+
+
+class MPOCheckpointCallback(TrainerCallback):
+    """Moves δ at the end of each optimizer step; writes δ and the precomputed reference log-probs into each
+    checkpoint."""
+
+    def __init__(self, trainer: MPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer.reward_shift.step(lambda tensor: trainer.accelerator.reduce(tensor, "sum"), trainer.accelerator.device)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if directory.is_dir():
+                self.trainer.reward_shift.save(directory)
+                if self.trainer.reference_logps:
+                    torch.save(self.trainer.reference_logps, directory / REFERENCE_LOGPS_FILE)
+
+
+def _load_reference_logps(checkpoint: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    path = Path(checkpoint) / REFERENCE_LOGPS_FILE if checkpoint is not None else None
+    if path is None or not path.is_file():
+        return {}
+    logger.info("reusing the reference log-probs saved in %s", path)
+    return torch.load(path, weights_only=True)
+
+
+def _tensor_sharing_copy(model):
+    """A copy of `model`'s module tree whose parameters and buffers ARE the model's (no memory)."""
+    memo = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _is_peft(model) -> bool:
