@@ -258,3 +258,57 @@ def test_a_missing_data_file_is_refused_before_the_model_loads(tmp_path, monkeyp
     recipe = load_recipe(SFT, [f"training.output_dir={tmp_path}", "data.sources=[{type: official_meta, path: no.json}]"])
     with pytest.raises(UserError, match=r"data\.sources\.0\.path: 'no\.json' does not exist"):
         build_trainer(recipe)
+
+
+def test_the_builder_trains_like_a_hand_built_trainer_with_a_slow_vit(tmp_path):
+    """`build_trainer(recipe, model=, processor=, samples=)` with `vision_lr_scale` against `InternVL3Trainer` given the
+    demo's hand-built two-rate AdamW: the same losses and weights after three steps."""
+    from internvl3_hf.data import SFTCollator, SFTDataset, SupervisedEncoder
+    from internvl3_hf.data.synthetic import synthetic_samples
+    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.sft import InternVL3Trainer
+
+    learning_rate, scale = 0.01, 0.03
+    training = dict(max_steps=3, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=1,
+                    per_device_train_batch_size=2, logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                    data_seed=0, optim="adamw_torch", report_to=[])  # fmt: skip
+    samples = synthetic_samples(8, seed=0)
+
+    def model_and_processor():
+        model = tiny_model()
+        return model, processor_for_config(build_tiny_tokenizer(), model.config)
+
+    model, processor = model_and_processor()
+    recipe = {"data": {"max_length": 512, "max_packed_tokens": 512},
+              "training": {**training, "output_dir": str(tmp_path / "a"), "vision_lr_scale": scale}}  # fmt: skip
+    built = build_trainer(recipe, model=model, processor=processor, samples=samples)
+
+    model, processor = model_and_processor()
+    hand = InternVL3Trainer(
+        model=model,
+        args=TrainingArguments(**training, output_dir=str(tmp_path / "b"), remove_unused_columns=False),
+        train_dataset=SFTDataset(samples, SupervisedEncoder(processor, 512, 0), max_packed_tokens=512),
+        data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=True),
+        processing_class=processor,
+        optimizers=(demo_optimizer(model, learning_rate, scale), None),
+    )
+    for trainer in (built, hand):
+        trainer.train()
+    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (built, hand)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    for (name, actual), expected in zip(built.model.named_parameters(), hand.model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
+def test_the_mpo_builder_takes_a_model_and_pairs_from_python(tmp_path):
+    from internvl3_hf.mpo import synthetic_preference_pairs
+    from internvl3_hf.processing import processor_for_config
+
+    model = tiny_model(seed=3)
+    processor = processor_for_config(build_tiny_tokenizer(), model.config)
+    recipe = {"model": {"freeze_vision": True}, "training": {"output_dir": str(tmp_path), "use_cpu": True}}
+    trainer = build_mpo_trainer(recipe, model=model, processor=processor, pairs=synthetic_preference_pairs(5, seed=1))
+    assert trainer.model is model and len(trainer.train_dataset) == 5
+    assert not any(parameter.requires_grad for parameter in model.model.vision_tower.parameters())
+    with pytest.raises(TypeError, match="both `model` and `processor`"):
+        build_mpo_trainer(recipe, model=model)

@@ -68,18 +68,27 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------- builders
-def build_trainer(recipe: Mapping[str, Any] | SFTRecipe) -> InternVL3Trainer:
-    """The configured `InternVL3Trainer` (model, data, collator, arguments) without starting it."""
+def build_trainer(
+    recipe: Mapping[str, Any] | SFTRecipe,
+    *,
+    model: InternVL3ForConditionalGeneration | None = None,
+    processor: Any = None,
+    samples: list[Sample] | None = None,
+) -> InternVL3Trainer:
+    """The configured `InternVL3Trainer` (model, data, collator, arguments) without starting it.
+
+    From Python, `model` and `processor` (both or neither) replace loading `recipe.model` (its freeze flags and the
+    `lora` section still apply), and `samples` replaces reading `data.sources`."""
     recipe = SFTRecipe.from_dict(recipe)
     data, options = recipe.data, recipe.options
-    check_source_paths(data)
-    model, processor = build_model_and_processor(recipe.model)
-    apply_freezing(model, recipe.model)
+    if samples is None:
+        check_source_paths(data)
+    model, processor = _model_and_processor(recipe.model, model, processor)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora)
     encoder = SupervisedEncoder(processor, data.max_length, data.seed)
     dataset = SFTDataset(
-        build_samples(data),
+        build_samples(data) if samples is None else samples,
         encoder,
         max_packed_tokens=data.max_packed_tokens,
         max_packed_tiles=data.max_packed_tiles,
@@ -101,26 +110,38 @@ def build_trainer(recipe: Mapping[str, Any] | SFTRecipe) -> InternVL3Trainer:
     return trainer
 
 
-def build_mpo_trainer(recipe: Mapping[str, Any] | MPORecipe) -> MPOTrainer:
+def build_mpo_trainer(
+    recipe: Mapping[str, Any] | MPORecipe,
+    *,
+    model: InternVL3ForConditionalGeneration | None = None,
+    processor: Any = None,
+    pairs: list[PreferencePair] | None = None,
+) -> MPOTrainer:
     """The configured `MPOTrainer` (policy, reference, planned preference data) without starting it. With `lora`,
     the reference is the adapter-disabled base; without, a frozen second load of the checkpoint (as the official
-    trainer), except for the tiny model, which TRL copies."""
+    trainer), except for the tiny model or a given `model`, which TRL copies.
+
+    From Python, `model` and `processor` (both or neither) replace loading `recipe.model` (its freeze flags and the
+    `lora` section still apply), and `pairs` replaces reading `data.sources`."""
     from .mpo.data import PreferenceEncoder, plan_pairs, preference_dataset
     from .mpo.trainer import MPOTrainer
 
     recipe = MPORecipe.from_dict(recipe)
-    check_source_paths(recipe.data)
+    if pairs is None:
+        check_source_paths(recipe.data)
     # The arguments first: under ZeRO-3 they make `from_pretrained` shard the weights while loading.
     args = recipe.training_arguments()
-    model, processor = build_model_and_processor(recipe.model)
-    apply_freezing(model, recipe.model)
+    given_model = model is not None
+    model, processor = _model_and_processor(recipe.model, model, processor)
     peft_config = lora_config(recipe.lora) if recipe.lora is not None else None
     ref_model = None
-    if peft_config is None and recipe.model.name_or_path != "tiny":
+    if peft_config is None and not given_model and recipe.model.name_or_path != "tiny":
         ref_model, _ = build_model_and_processor(recipe.model)
         ref_model.eval().requires_grad_(False)
     encoder = PreferenceEncoder(processor, args.max_length, recipe.data.seed)
-    pairs, dropped = plan_pairs(build_preference_pairs(recipe.data), encoder, recipe.data.on_error)
+    if pairs is None:
+        pairs = build_preference_pairs(recipe.data)
+    pairs, dropped = plan_pairs(pairs, encoder, recipe.data.on_error)
     if dropped:
         logger.warning("dropped %d preference pairs: %s", sum(dropped.values()), dict(dropped))
     trainer = MPOTrainer(
@@ -156,6 +177,16 @@ def run_mpo(recipe: Mapping[str, Any] | MPORecipe, resume_from_checkpoint: str |
 
 
 # --------------------------------------------------------------------------------------------------- model
+def _model_and_processor(settings: ModelArgs, model, processor) -> tuple[InternVL3ForConditionalGeneration, Any]:
+    """The given model and processor, or the recipe's loaded; the recipe's freeze flags applied."""
+    if (model is None) != (processor is None):
+        raise TypeError("Give both `model` and `processor`, or neither (then the recipe's `model` section loads them).")
+    if model is None:
+        model, processor = build_model_and_processor(settings)
+    apply_freezing(model, settings)
+    return model, processor
+
+
 def build_model_and_processor(settings: ModelArgs | Mapping[str, Any]) -> tuple[InternVL3ForConditionalGeneration, Any]:
     """`name_or_path: tiny` builds the embedded tiny model; anything else is a checkpoint in any format."""
     settings = _typed(ModelArgs, settings, "model")
