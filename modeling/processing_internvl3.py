@@ -10,6 +10,7 @@ follows labels it (`VIDEO_FRAME_FORMATS`).
 
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -92,6 +93,10 @@ class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
         dataset). Flat in placeholder order, or one list per sample.
     video_num_frames (`list[int]`, *optional*):
         Frames of each video, in place of `videos`, in the same way.
+    jpeg_seed (`int`, *optional*):
+        Training augmentation (official `data_augment`): seeds one generator for the call, from which every tile
+        (each image's tiles and thumbnail, then each video frame) draws its own JPEG quality; see the image
+        processor's `jpeg_rng`. A seed rather than a generator, because processor kwargs are deep-copied.
     """
 
     images_kwargs: InternVL3ImageProcessorKwargs
@@ -99,6 +104,7 @@ class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
     video_frame_format: str
     image_sizes: list
     video_num_frames: list
+    jpeg_seed: int
 
 
 def _first(value: int | list | tuple) -> int:
@@ -251,6 +257,8 @@ class InternVL3Processor(ProcessorMixin):
 
         frame_format = output_kwargs.get("video_frame_format", "chat")
         share_tile_budget = output_kwargs["share_tile_budget"]
+        if output_kwargs.get("jpeg_seed") is not None:
+            images_kwargs["jpeg_rng"] = random.Random(output_kwargs["jpeg_seed"])
         _video_frame_format(frame_format)  # an unknown name fails before any image is decoded
         image_sizes, video_counts = output_kwargs.get("image_sizes"), output_kwargs.get("video_num_frames")
         if (image_sizes is not None and images is not None) or (video_counts is not None and videos is not None):

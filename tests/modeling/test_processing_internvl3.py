@@ -5,6 +5,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,26 @@ def test_planning_from_image_sizes_gives_the_same_tokens(processor):
     assert "pixel_values" not in planned
     with pytest.raises(ValueError, match="not both"):
         processor(images=pictures, image_sizes=sizes, text=text)
+
+
+def test_jpeg_seed_draws_a_quality_per_tile_reproducibly(processor):
+    """Processor kwargs are deep-copied, so the augmentation takes a seed: one generator per call, one draw per tile
+    (each image's tiles and thumbnail, then each video frame)."""
+    picture, frames = image(56, 28, seed=1), [image(28, 28, seed=i) for i in range(2)]
+    text = "<image>\n<video>\nHi"
+
+    def pixels(seed):
+        return processor(images=[picture], videos=[frames], text=text, jpeg_seed=seed)["pixel_values"]
+
+    clean = processor(images=[picture], videos=[frames], text=text)["pixel_values"]
+    first, again, other = pixels(0), pixels(0), pixels(1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert all(not np.array_equal(a, b) for a, b in zip(first, clean))  # every tile (3 + 2 frames) re-encoded
+    qualities = random.Random(0)
+    expected = processor.image_processor(picture, jpeg_rng=qualities)["pixel_values"]
+    frame_tiles = processor.image_processor.preprocess_frames(frames, jpeg_rng=qualities)["pixel_values"]
+    np.testing.assert_array_equal(first, np.concatenate([expected, frame_tiles]))
 
 
 def test_chat_template_renders_images_like_image_prompt(processor):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import jinja2
 import PIL.Image
 import torch
 
+from ..modeling.chat_template import video_prompt
 from ..modeling.image_processing_internvl3 import open_image_file, split_tile_budget
 from ..modeling.processing_internvl3 import VIDEO_FRAME_FORMATS, InternVL3Processor
 from .sources import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Sample
@@ -177,7 +179,7 @@ class SupervisedEncoder:
     def _pixels(self, images, frames, order: list[tuple[str, int]], sample: Sample) -> torch.Tensor | None:
         """All tiles in the order their spans appear in the text."""
         image_processor = self.processor.image_processor
-        jpeg_rng = self.rng if sample.data_augment else None
+        jpeg_rng = random.Random(self.rng.getrandbits(32)) if sample.data_augment else None
         budget = self._tile_budget(sample)
         tiles = []
         for kind, index in order:
@@ -214,3 +216,159 @@ def _flatten_content(messages: list[dict], origin: str) -> list[dict]:
             content = "".join(parts)
         flat.append({**message, "content": content})
     return flat
+
+
+class ChatTemplateEncoder:
+    """Encodes samples for training through `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`:
+    the chat template's `{% generation %}` marks decide the labels, the processor expands the placeholders and
+    tiles the images. `encode(sample, with_pixels=False)` gives the exact length from the image headers only.
+    """
+
+    def __init__(
+        self,
+        processor: InternVL3Processor,
+        max_length: int | None = None,
+        seed: int | None = None,
+        video_frame_format: str = "sft",
+    ):
+        self.processor = processor
+        self.max_length = max_length
+        self.rng = random.Random(seed)
+        self.video_frame_format = video_frame_format
+
+    def encode(self, sample: Sample, with_pixels: bool = True) -> EncodedSample:
+        _check_answers(sample)
+        _check_placeholder_counts(sample)
+        origin = sample.origin
+        # Official training rule: a sample's images share its `max_dynamic_patch` tiles.
+        kwargs = {"share_tile_budget": True, "video_frame_format": self.video_frame_format}
+        if sample.max_dynamic_patch:
+            kwargs["max_patches"] = sample.max_dynamic_patch
+        sizes = [image_size(image, origin) for image in sample.images]  # headers only: cheap, and fails early
+        if with_pixels:
+            kwargs["images"] = [open_image(image, origin) for image in sample.images]
+            videos = [[open_image(frame, origin) for frame in video] for video in sample.videos]
+            if sample.data_augment:
+                kwargs["jpeg_seed"] = self.rng.getrandbits(32)
+        else:
+            kwargs["image_sizes"] = [(height, width) for width, height in sizes]
+            kwargs["video_num_frames"] = [len(video) for video in sample.videos]
+            videos = [None] * len(sample.videos)
+        messages = _with_video_items(sample.messages, videos, origin)
+        try:
+            out = self.processor.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, processor_kwargs=kwargs
+            )
+        except jinja2.TemplateError as error:  # unknown roles/content types: report, don't crash the run
+            raise DataError(f"{sample.origin}: the chat template rejected the conversation ({error}).") from error
+        input_ids = list(out["input_ids"][0])
+        labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, out["assistant_masks"][0])]
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            raise DataError(
+                f"{sample.origin}: {len(input_ids)} tokens exceed max_length={self.max_length}; truncating would cut "
+                "its image tokens or answer. Raise max_length, lower max_dynamic_patch, or drop the sample."
+            )
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(f"{sample.origin}: no assistant answer to learn from (all labels are masked).")
+        num_patches = [int(n) for n in out.get("image_num_patches", [])]
+        encoded = EncodedSample(input_ids, labels, num_patches)
+        if with_pixels and "pixel_values" in out:
+            encoded.pixel_values = torch.from_numpy(out["pixel_values"])
+        return encoded
+
+
+def image_size(image, origin: str) -> tuple[int, int]:
+    """(width, height) from the file header only: planning a large dataset must not decode every image."""
+    if isinstance(image, PIL.Image.Image):
+        return image.size
+    try:
+        with PIL.Image.open(image) as opened:
+            return opened.size
+    except FileNotFoundError:
+        raise DataError(f"{origin}: image file {image} does not exist.") from None
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{origin}: image file {image} is not a readable image ({error}).") from None
+
+
+def open_image(image, origin: str) -> PIL.Image.Image:
+    """A sample's image (a path or a PIL image) decoded like the official loader."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    try:
+        return open_image_file(image)
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(f"{origin}: {error}") from error
+
+
+def _content_items(content) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _check_answers(sample: Sample) -> None:
+    """Answers must hold text and no placeholder: labels never cover an image, and an empty answer has nothing to
+    mark (the template renders its header only)."""
+    for index, message in enumerate(sample.messages):
+        if message["role"] != "assistant":
+            continue
+        items = _content_items(message["content"])
+        if any(item.get("type") in ("image", "video") for item in items) or any(
+            IMAGE_PLACEHOLDER in (item.get("text") or "") or VIDEO_PLACEHOLDER in (item.get("text") or "")
+            for item in items
+        ):
+            raise DataError(
+                f"{sample.origin}: an assistant answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder."
+            )
+        if not any(item.get("text") for item in items):
+            raise DataError(f"{sample.origin}: assistant turn {index} is empty.")
+
+
+def _check_placeholder_counts(sample: Sample) -> None:
+    """One `<image>` per image and one `<video>` per video (a content item renders as one placeholder)."""
+    counts = {IMAGE_PLACEHOLDER: 0, VIDEO_PLACEHOLDER: 0}
+    kinds = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+    for message in sample.messages:
+        for item in _content_items(message["content"]):
+            if item.get("type") in kinds:
+                counts[kinds[item["type"]]] += 1
+            for placeholder in counts:
+                counts[placeholder] += (item.get("text") or "").count(placeholder)
+    images, videos = len(sample.images), len(sample.videos)
+    if counts[IMAGE_PLACEHOLDER] > images or counts[VIDEO_PLACEHOLDER] > videos:
+        raise DataError(
+            f"{sample.origin}: more {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders than images ({images}) "
+            f"and videos ({videos})."
+        )
+    if counts[IMAGE_PLACEHOLDER] < images or counts[VIDEO_PLACEHOLDER] < videos:
+        raise DataError(f"{sample.origin}: {images} images and {videos} videos but fewer placeholders in the text.")
+
+
+def _with_video_items(messages: list[dict], videos: list, origin: str) -> list[dict]:
+    """The messages with each video as a content item carrying its frames (where `apply_chat_template` reads
+    videos from); a `<video>\\n` written into plain text becomes such an item, which the template renders back as
+    the same `<video>\\n`."""
+    frames = iter(videos)
+    converted = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            if VIDEO_PLACEHOLDER not in content:
+                converted.append(message)
+                continue
+            items = []
+            for index, text in enumerate(content.split(video_prompt())):
+                if VIDEO_PLACEHOLDER in text:
+                    raise DataError(
+                        f"{origin}: a {VIDEO_PLACEHOLDER} placeholder must end its line ({video_prompt()!r})."
+                    )
+                if index:
+                    items.append({"type": "video"})
+                if text:
+                    items.append({"type": "text", "text": text})
+            content = items
+        items = []
+        for item in content:
+            item = {key: value for key, value in item.items() if value is not None}
+            video = next(frames) if item.get("type") == "video" else None
+            items.append(item if video is None else {**item, "video": video})
+        converted.append({**message, "content": items})
+    return converted
