@@ -560,6 +560,7 @@ class InternVL3ForConditionalGeneration(
             image_num_patches=image_num_patches,
             v2pe_strides=v2pe_strides,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
