@@ -201,7 +201,9 @@ class InternVL3Config(PreTrainedConfig):
         `TOKEN_ID_FIELDS`) at another id than this config: the model would look for ids the prompts never hold."""
         expected = {field: getattr(self, field) for field in (tokens or TOKEN_ID_FIELDS)}
         model_source = f"the model config ({self.name_or_path})" if self.name_or_path else "the model config"
-        check_token_ids(expected, tokenizer, model_source=model_source, tokenizer_source=tokenizer_source, tokens=tokens)
+        check_token_ids(
+            expected, tokenizer, model_source=model_source, tokenizer_source=tokenizer_source, tokens=tokens
+        )
 
     def validate_internvl3(self) -> None:
         """Raise a `ValueError` naming the field when the settings cannot describe a working model."""

@@ -414,7 +414,8 @@ def test_official_training_use_cache_flag_does_not_disable_the_kv_cache(official
 # ------------------------------------------------------------------------------ token ids from the tokenizer
 def _image_inputs(processor, question: str = "Describe the image."):
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
     )
     return processor(text=prompt, images=[Image.new("RGB", (56, 28), (200, 40, 90))], return_tensors="pt")
 

@@ -133,18 +133,22 @@ def resolve_token_ids(source: str | Path | None, stored: dict[str, Any] | None =
         if stored.keys() != QWEN25_TOKEN_IDS.keys():
             logger.warning(
                 "%s has no tokenizer beside its config.json, so the ids of %s cannot be read from it; using %s (the "
-                "released InternVL3 / Qwen2.5 tokenizer's). Save the checkpoint's tokenizer there if it uses other ids.",
+                "released InternVL3 / Qwen2.5 tokenizer's). Save the checkpoint's tokenizer there if it uses other "
+                "ids.",
                 source if source is not None else "This official config (no checkpoint folder given)",
                 ", ".join(TOKEN_ID_FIELDS.values()),
                 fallback,
             )
         return fallback
-    disagree = {field: (value, from_tokenizer[field]) for field, value in stored.items() if value != from_tokenizer[field]}
+    disagree = [
+        f"{field}={value} but {TOKEN_ID_FIELDS[field]} is {from_tokenizer[field]}"
+        for field, value in stored.items()
+        if value != from_tokenizer[field]
+    ]
     if disagree:
         raise ValueError(
-            f"{source}: config.json stores token ids that its tokenizer contradicts "
-            + ", ".join(f"{field}={ours} but {TOKEN_ID_FIELDS[field]} is {theirs}" for field, (ours, theirs) in disagree.items())
-            + ". The official code uses the tokenizer's; remove those fields from config.json or save the right tokenizer."
+            f"{source}: config.json stores token ids that its tokenizer contradicts ({', '.join(disagree)}). The "
+            "official code uses the tokenizer's; remove those fields from config.json or save the right tokenizer."
         )
     return from_tokenizer
 
@@ -174,7 +178,8 @@ def official_config_to_plugin(config_dict: dict, source: str | Path | None = Non
         tie_word_embeddings=bool(config_dict.get("tie_word_embeddings", False)),
         official_rope_scaling=rope_scaling,
     )
-    plugin.update(resolve_token_ids(source, {field: config_dict[field] for field in TOKEN_ID_FIELDS if field in config_dict}))
+    stored_ids = {field: config_dict[field] for field in TOKEN_ID_FIELDS if field in config_dict}
+    plugin.update(resolve_token_ids(source, stored_ids))
     force = plugin["force_image_size"] or _first(vision["image_size"])
     patch = _first(vision["patch_size"])
     plugin["force_image_size"] = force
@@ -255,7 +260,8 @@ def save_official(model, save_directory: str | Path, processor=None, *, max_shar
     elif own_ids != QWEN25_TOKEN_IDS:
         logger.warning(
             "Saving an official checkpoint without a tokenizer: the official format keeps the token ids %s only in "
-            "the tokenizer, so readers of %s will assume the Qwen2.5 ones %s. Pass the processor to save its tokenizer.",
+            "the tokenizer, so readers of %s will assume the Qwen2.5 ones %s. Pass the processor to save its "
+            "tokenizer.",
             own_ids,
             save_directory,
             QWEN25_TOKEN_IDS,
@@ -272,18 +278,27 @@ def save_official(model, save_directory: str | Path, processor=None, *, max_shar
         model.generation_config.save_pretrained(save_directory)
     if processor is not None:
         processor.tokenizer.save_pretrained(save_directory)
-        save_slow_tokenizer_files(processor.tokenizer, save_directory)
+        save_official_tokenizer_files(processor.tokenizer, save_directory)
     return save_directory
 
 
-def save_slow_tokenizer_files(tokenizer, save_directory: Path) -> None:
-    """Write `vocab.json` and `merges.txt`: the official stack (transformers 4.37, loading with `use_fast=False`)
-    reads these, and cannot read a `tokenizer.json` written by a newer `tokenizers`."""
+def save_official_tokenizer_files(tokenizer, save_directory: Path) -> None:
+    """Write the tokenizer files the official stack (transformers 4.37, loading with `use_fast=False`) reads.
+
+    `vocab.json` and `merges.txt`: it cannot read a `tokenizer.json` written by a newer `tokenizers`.
+    `special_tokens_map.json` with `additional_special_tokens`: it does not know transformers 5's
+    `extra_special_tokens`, and its `chat()` decodes with `skip_special_tokens`, which skips only declared ones.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         backend.model.save(str(save_directory))
     else:
         tokenizer.save_vocabulary(str(save_directory))
+    extra = getattr(tokenizer, "extra_special_tokens", None) or []
+    if isinstance(extra, dict):  # named tokens (`{"image_token": ...}`) of multimodal tokenizers
+        extra = list(extra.values())
+    special = {**tokenizer.special_tokens_map, "additional_special_tokens": list(extra)}
+    (save_directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
 class InternVLChatConfig(InternVL3Config):
