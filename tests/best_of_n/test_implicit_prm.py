@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from internvl3_hf.best_of_n import ImplicitPRM, best_of_n, split_steps
+from internvl3_hf.best_of_n import ImplicitPRM, VisualPRM, best_of_n, split_steps
+from internvl3_hf.best_of_n.critic import Critic
 from internvl3_hf.chat import build_messages
 
 QUESTION = "How many shapes are in the image?"
@@ -93,6 +94,13 @@ def test_best_of_n_takes_the_implicit_prm(pair, model_factory, processor, image)
     rescored = prm.score(QUESTION, [candidate.text for candidate in live], [image])
     assert [c.score for c in live] == pytest.approx([s.score for s in rescored], abs=1e-6)
     assert result.best.score == max(c.score for c in result.candidates)
+
+
+def test_both_critics_implement_the_critic_protocol(pair, processor):
+    critic, reference = pair
+    assert isinstance(ImplicitPRM(critic, reference, processor), Critic)
+    assert isinstance(VisualPRM(critic, processor), Critic)
+    assert not isinstance(object(), Critic)
 
 
 def test_bad_arguments_are_refused(pair, processor, image):
