@@ -115,7 +115,7 @@ def test_overrides_are_typed():
     ]))  # fmt: skip
     assert recipe.training["max_steps"] == 7 and type(recipe.training["max_steps"]) is int
     assert recipe.training["learning_rate"] == 1e-4 and type(recipe.training["learning_rate"]) is float
-    assert recipe.training["warmup_steps"] == 1.0 and type(recipe.training["warmup_steps"]) is float
+    assert recipe.training["warmup_steps"] == 1 and type(recipe.training["warmup_steps"]) is int
     assert recipe.model.freeze_vision is True
     assert recipe.lora == LoraArgs(r=4, target="both", modules_to_save=["mlp1", "lm_head"])
     assert recipe.data.max_packed_tiles is None and recipe.data.sources[0].count == 16

@@ -402,7 +402,8 @@ def _expect_mapping(values: Any, path: str, name: str = "") -> dict:
 
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
     """`value` checked against a field annotation (bool, int, float, str, enums, lists, dicts, dataclasses,
-    unions). A float field takes a string that reads as a number: YAML 1.1 reads `1e-5` (no dot) as a string."""
+    unions). A float field takes an int, and a string that reads as a number: YAML 1.1 reads `1e-5` (no dot) as a
+    string."""
     origin, members = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any or isinstance(annotation, (str, typing.TypeVar)):
         return value
@@ -436,7 +437,7 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value  # an int stays an int (`warmup_steps: 0`), as the dataclass would receive it from YAML
         if isinstance(value, str):
             try:
                 return float(value)
