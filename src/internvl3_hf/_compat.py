@@ -29,10 +29,16 @@ Private attributes of TRL and transformers touched in `src/` and `modeling/`, wi
 - `DPOTrainer._metrics` (TRL's metric store, averaged by `log`), `_tag_names` and `_name` (model-card tags and
   name), in src/internvl3_hf/mpo/trainer.py. Guard: the exact pin `trl==1.16.0` (pyproject.toml `train` extra) and
   tests/mpo.
+- TRL's `DPOTrainer.__init__` refuses `precompute_ref_log_probs` for vision datasets and, when it is off, builds a
+  reference model for full fine-tuning. `trl_without_reference` below hides the flag from it and hands it a
+  tensor-sharing module tree, dropped after `__init__` (src/internvl3_hf/mpo/trainer.py, which runs its own
+  reference pass). Guard: `TRL_VISION_PRECOMPUTE`; test: tests/mpo/test_compat_mpo.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import importlib.metadata
 import inspect
@@ -44,6 +50,7 @@ from packaging.version import Version
 
 # (distribution, versions tested) of each workaround below.
 TRL_FUSED_LM_HEAD = ("trl", ">=1.16.0,<1.17")
+TRL_VISION_PRECOMPUTE = ("trl", ">=1.16.0,<1.17")
 
 # Set on the function of a fused forward added here, so that the next trainer on the same model does not patch again.
 _FUSED_MARK = "_internvl3_fused_lm_head"
@@ -146,3 +153,22 @@ def _fused_forward_closure(model) -> dict | None:
     if function is None or function.__code__.co_name != "_fused_forward":
         return None
     return {**inspect.getclosurevars(function).nonlocals, _FUSED_MARK: getattr(function, _FUSED_MARK, False)}
+
+
+# --------------------------------------------------------------------------------------------------- MPO reference
+# Upstream: TRL's DPOTrainer refuses precompute_ref_log_probs for vision datasets, and builds a reference otherwise.
+@contextlib.contextmanager
+def trl_without_reference(args, model=None):
+    """Around `DPOTrainer.__init__` of a trainer that precomputes the reference log-probs itself: TRL sees
+    `precompute_ref_log_probs=False` (restored on exit). With `model`, yields a stand-in reference for TRL: the
+    module tree of `model` whose parameters and buffers ARE the model's (no memory), to drop after `__init__`."""
+    check_tested_version(*TRL_VISION_PRECOMPUTE)
+    precompute = args.precompute_ref_log_probs
+    args.precompute_ref_log_probs = False
+    try:
+        if model is None:
+            yield None
+        else:
+            yield copy.deepcopy(model, {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())})
+    finally:
+        args.precompute_ref_log_probs = precompute

@@ -51,8 +51,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
+from .._compat import make_fused_forward_copy_safe, trl_without_reference
 from ..data.encoding import IGNORE_INDEX
-from ..sft import make_fused_forward_copy_safe
 from .config import MPOConfig
 from .data import CHOSEN_SEGMENT, REJECTED_SEGMENT, MPODataCollator, PreferencePair, preference_dataset
 
@@ -170,7 +170,8 @@ def hide_chosen_from_rejected(segment_ids: torch.Tensor) -> Callable:
     sees a chosen-answer key; together with the causal mask each answer sees the prompt and itself only."""
 
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
-        return ~((segment_ids[batch_idx, q_idx] == REJECTED_SEGMENT) & (segment_ids[batch_idx, kv_idx] == CHOSEN_SEGMENT))
+        rejected_query = segment_ids[batch_idx, q_idx] == REJECTED_SEGMENT
+        return ~(rejected_query & (segment_ids[batch_idx, kv_idx] == CHOSEN_SEGMENT))
 
     return mask_function
 
@@ -242,14 +243,11 @@ class MPOTrainer(DPOTrainer):
         full_fine_tuning = ref_model is None and peft_config is None and not isinstance(model, str)
         full_fine_tuning = full_fine_tuning and not _is_peft(model)
         zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
-        if full_fine_tuning and not zero3:  # ZeRO-3 shards at load time: TRL reloads the reference instead
-            if precompute and args.deepspeed_plugin is None:
-                # The reference log-probs come from the policy before training: no copy is kept. TRL builds a
-                # reference whenever it is given none and thinks nothing is precomputed; one sharing the policy's
-                # tensors costs no memory and is dropped right after.
-                ref_model = _tensor_sharing_copy(model)
-            else:
-                ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # With precompute, the reference log-probs of full fine-tuning come from the policy before training: no
+        # copy is kept (under DeepSpeed the copy or reload below serves the pass and is dropped after it).
+        no_copy = precompute and full_fine_tuning and args.deepspeed_plugin is None
+        if full_fine_tuning and not zero3 and not no_copy:  # ZeRO-3 shards at load time: TRL reloads the reference
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if data_collator is None:
             if processing_class is None:
                 name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -261,12 +259,12 @@ class MPOTrainer(DPOTrainer):
             eval_dataset = {name: _as_preference_dataset(dataset) for name, dataset in eval_dataset.items()}
         else:
             eval_dataset = _as_preference_dataset(eval_dataset)
-        # TRL refuses precompute_ref_log_probs for vision datasets; this trainer runs its own pass (in `train`).
-        args.precompute_ref_log_probs = False
-        try:
+        trl_context = contextlib.nullcontext()
+        if precompute:  # TRL refuses it for vision datasets: this trainer runs the reference pass itself
+            trl_context = trl_without_reference(args, model if no_copy else None)
+        with trl_context as stand_in:
             super().__init__(
                 model,
-                ref_model=ref_model,
                 args=args,
                 data_collator=data_collator,
                 train_dataset=train_dataset,
@@ -276,11 +274,10 @@ class MPOTrainer(DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
                 quantization_config=quantization_config,
+                ref_model=stand_in if stand_in is not None else ref_model,
                 peft_config=peft_config,
             )
-        finally:
-            args.precompute_ref_log_probs = precompute
-        if precompute and full_fine_tuning and args.deepspeed_plugin is None:
+        if stand_in is not None:
             self.ref_model = None
         make_fused_forward_copy_safe(self._internvl3(self.model))
         if self.ref_model is not None:
@@ -339,7 +336,8 @@ class MPOTrainer(DPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`DPOTrainer.evaluate`; with `precompute_ref_log_probs`, a dataset given here gets its reference pass first."""
+        """`DPOTrainer.evaluate`; with `precompute_ref_log_probs`, a dataset given here gets its reference pass
+        first."""
         if self.args.precompute_ref_log_probs and eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = _as_preference_dataset(eval_dataset)
             eval_dataset = self._with_reference_logps(eval_dataset, metric_key_prefix, {})
@@ -640,12 +638,6 @@ def _load_reference_logps(checkpoint: str | os.PathLike | None) -> dict[str, tor
         return {}
     logger.info("reusing the reference log-probs saved in %s", path)
     return torch.load(path, weights_only=True)
-
-
-def _tensor_sharing_copy(model):
-    """A copy of `model`'s module tree whose parameters and buffers ARE the model's (no memory)."""
-    memo = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def _is_peft(model) -> bool:
