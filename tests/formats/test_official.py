@@ -318,6 +318,22 @@ def test_convert_official_to_plugin_to_official_keeps_weights_config_and_token_i
     assert AutoConfig.from_pretrained(tmp_path / "back").image_token_id == 5
 
 
+def test_save_official_writes_the_tokenizer_files_the_official_stack_reads(official_dir, specials_first_tokenizer,
+                                                                           tmp_path):
+    """transformers 4.37 with use_fast=False reads vocab.json + merges.txt and the additional special tokens of
+    special_tokens_map.json (its chat() skips only those when decoding)."""
+    directory, _ = official_dir
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    save_official(model, tmp_path, AutoProcessor.from_pretrained(directory))
+    assert json.loads((tmp_path / "vocab.json").read_text()) == specials_first_tokenizer.get_vocab()
+    merges = [line for line in (tmp_path / "merges.txt").read_text().splitlines() if not line.startswith("#")]
+    trained = json.loads(specials_first_tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert merges == [" ".join(pair) if isinstance(pair, list) else pair for pair in trained]
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    assert special["additional_special_tokens"] == list(INTERNVL_SPECIAL_TOKENS[1:])
+    assert special["eos_token"] == "<|im_end|>" and special["pad_token"] == "<|endoftext|>"
+
+
 def test_plugin_config_exports_back_to_an_equivalent_official_config(official_dir):
     directory, _ = official_dir
     config = AutoConfig.from_pretrained(directory)
