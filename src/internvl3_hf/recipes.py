@@ -31,6 +31,7 @@ from .errors import UserError
 LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 VISION_LORA_TARGETS = r".*vision_tower\.encoder\.layer\.\d+\.(attention\.(q|k|v)_proj|attention\.projection_layer|mlp\.fc[12])"
 LORA_TARGETS = {"llm": [LLM_LORA_TARGETS], "vision": [VISION_LORA_TARGETS], "both": [LLM_LORA_TARGETS, VISION_LORA_TARGETS]}
+RECIPE_SECTIONS = ["model", "lora", "data", "training"]
 QUANTIZATIONS = ("4bit", "8bit")
 SOURCE_TYPES = ("official_meta", "official_jsonl", "hf", "synthetic")
 
@@ -210,7 +211,7 @@ class Recipe:
         if isinstance(recipe, cls):
             return recipe
         recipe = _expect_mapping(recipe, "")
-        _check_keys(recipe, ["model", "lora", "data", "training"], "")
+        _check_keys(recipe, RECIPE_SECTIONS, "")
         training = _expect_mapping(recipe.get("training") or {}, "training")
         options = {key: training[key] for key in _init_fields(cls.options_class) if key in training}
         return cls(
@@ -271,7 +272,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = _expect_mapping(recipe, "", f"recipe {str(path)!r}")
     for override in overrides:
         apply_override(recipe, override)
-    _check_keys(recipe, ["model", "lora", "data", "training"], "")
+    _check_keys(recipe, RECIPE_SECTIONS, "")
     return recipe
 
 
