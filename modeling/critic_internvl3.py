@@ -241,7 +241,10 @@ class InternVLCriticMixin:
                 f"{len(num_patches_list)} images (num_patches_list): put one per image, or none for a single image."
             )
         start, end, context = image_tokens
-        span = lambda tiles: start + context * (self.config.image_seq_length * tiles) + end  # noqa: E731
+
+        def span(tiles: int) -> str:
+            return start + context * (self.config.image_seq_length * tiles) + end
+
         reader = AnswerReader(tokenizer)
         images = None
         if pixel_values is not None:

@@ -161,7 +161,8 @@ def full_row_scores(critic: VisualPRM, processor, question: str, response: str, 
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == encoded.input_ids
     with torch.no_grad():
-        logits = critic.model(**inputs).logits[0, encoded.read_positions][:, [critic.reader.good_id, critic.reader.bad_id]]
+        logits = critic.model(**inputs).logits[0, encoded.read_positions]
+        logits = logits[:, [critic.reader.good_id, critic.reader.bad_id]]
     return logits.softmax(-1)[:, 0].tolist()
 
 

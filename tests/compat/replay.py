@@ -1,8 +1,8 @@
 """Replays an evaluation client's calls on a plugin checkpoint, in a process where `internvl3_hf` cannot be imported.
 
 Usage: `python replay.py SPEC.json` prints one JSON line of results. The spec names the client (`lmms_eval` or
-`vlmevalkit`), the checkpoint folders, the dtypes to load in (one pass each) and the cases; each call below mirrors the client's source (see
-`client_code.py` for the commits), the line numbers cited at each call.
+`vlmevalkit`), the checkpoint folders, the dtypes to load in (one pass each) and the cases. Each call below mirrors
+the client's source (see `client_code.py` for the commits), with the line numbers cited at each call.
 """
 
 import json
