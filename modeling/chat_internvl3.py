@@ -25,6 +25,16 @@ class InternVLChatMixin:
     def system_message(self, value: str | None) -> None:
         self._system_message = value
 
+    @property
+    def img_context_token_id(self) -> int:
+        """The official model's name for `config.image_token_id` (official training code sets it from the
+        tokenizer: `model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")`)."""
+        return self.config.image_token_id
+
+    @img_context_token_id.setter
+    def img_context_token_id(self, value: int) -> None:
+        self.config.image_token_id = value
+
     def _chat_prompt(self, tokenizer, question: str, history: list[tuple[str, str]]) -> str:
         messages = [{"role": "system", "content": self.system_message}]
         for old_question, old_answer in history:

@@ -586,3 +586,16 @@ def test_remote_code_reload_of_a_converted_official_checkpoint(official_dir, tmp
     with torch.no_grad():
         expected = reference(**_image_inputs(AutoProcessor.from_pretrained(directory))).logits[0, -1]
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=0, atol=1e-6)
+
+
+def test_official_img_context_token_id_attribute_is_the_config_field(official_dir, specials_first_tokenizer):
+    """Official training code sets `model.img_context_token_id` from the tokenizer; here it is
+    `config.image_token_id`, so setting it moves the placeholder the forward replaces."""
+    directory, _ = official_dir
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    assert model.img_context_token_id == 5
+    model.img_context_token_id = specials_first_tokenizer.convert_tokens_to_ids("<box>")
+    assert model.config.image_token_id == 10
+    inputs = _image_inputs(AutoProcessor.from_pretrained(directory))
+    with pytest.raises(ValueError, match="input_ids hold 0 <IMG_CONTEXT> tokens"):
+        model(**inputs)
