@@ -341,3 +341,13 @@ def test_select_best_response_refuses_bad_input(critic, processor, image):
         model.select_best_response(tokenizer, QUESTION, RESPONSES, pixel_values, num_patches_list=[1])
     with pytest.raises(ValueError, match="placeholders"):
         model.select_best_response(tokenizer, "<image>\n<image>\n" + QUESTION, RESPONSES, pixel_values, tiles)
+
+
+def test_select_best_response_under_v2pe_scores_as_visualprm(model_factory, config, processor, image):
+    config.v2pe_mode, config.v2pe_delta = "fixed", 0.25
+    critic = VisualPRM(model_factory(config, seed=5), processor)
+    expected = sorted((score.score for score in critic.score(QUESTION, RESPONSES, image)), reverse=True)
+    pixel_values, tiles = _tiles(processor, [image])
+    ranked = critic.model.select_best_response(processor.tokenizer, QUESTION, RESPONSES, pixel_values, tiles,
+                                               return_scores=True)  # fmt: skip
+    torch.testing.assert_close(torch.tensor([score for _, score in ranked]), torch.tensor(expected), atol=1e-5, rtol=0)
