@@ -11,7 +11,8 @@ class DataErrorReason(str, Enum):
     MISSING_IMAGE = "missing image"
     CORRUPT_IMAGE = "corrupt image"
     UNREADABLE_VIDEO = "unreadable video"  # not a directory of frame images, or an empty one
-    PLACEHOLDER_MISMATCH = "placeholder count"  # placeholders and images/videos do not pair up (answers hold none)
+    # Placeholders and images/videos do not pair up, or a placeholder stands where none may (an answer, mid-line).
+    PLACEHOLDER_MISMATCH = "placeholder count"
     UNKNOWN_ROLE = "unknown role"
     EMPTY_CONVERSATION = "empty conversation"  # no turns, an empty prompt, an empty answer
     NO_USER_TURN = "no user turn"  # nothing to attach images to, or a prompt not ending with a user turn
