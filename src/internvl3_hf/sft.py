@@ -9,7 +9,6 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ._compat import add_fused_lm_head
-from ._compat import make_fused_forward_copy_safe  # noqa: F401  (until mpo.trainer imports it from _compat)
 from .losses import WEIGHTINGS, shifted_targets, target_weights, weighted_lm_loss, weighted_nll
 
 logger = logging.getLogger(__name__)
