@@ -283,6 +283,34 @@ def test_labels_cover_exactly_the_answers(name, tmp_path, tokenizer, processor, 
     assert planned.pixel_values is None
 
 
+def test_video_frames_follow_the_official_path_of_the_data(tmp_path, tokenizer, processor):
+    """SFT data: `Frame-1: ` lines (official fine-tuning); preference data: `Frame1: ` and no newline after the
+    last frame (official MPO); inference: `Frame1: ` (official chat())."""
+    for index in range(2):
+        save_image(tmp_path / "clip" / f"{index:03d}.png", (28, 28), PALETTE["frame1"])
+    turns = [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "5"}]
+    sample = _official(tmp_path, {"video": "clip", "conversations": turns})
+    expected = {
+        "sft": f"Frame-1: {span(1)}\nFrame-2: {span(1)}\nWhat happens?",
+        "mpo": f"Frame1: {span(1)}\nFrame2: {span(1)}What happens?",
+        "chat": f"Frame1: {span(1)}\nFrame2: {span(1)}\nWhat happens?",
+    }
+    for frame_format, prompt in expected.items():
+        encoded = SupervisedEncoder(processor, video_frame_format=frame_format).encode(sample)
+        assert f"<|im_start|>user\n{prompt}<|im_end|>" in tokenizer.decode(encoded.input_ids), frame_format
+    assert SupervisedEncoder(processor).video_frame_format == "sft"
+
+
+def test_video_placeholder_inside_a_line_is_refused(tmp_path, encoder):
+    sample = Sample(
+        [{"role": "user", "content": "Watch <video> now."}, {"role": "assistant", "content": "ok"}],
+        videos=[[PIL.Image.new("RGB", (28, 28))]],
+        origin="v.jsonl:2",
+    )
+    with pytest.raises(DataError, match=r"v\.jsonl:2: a <video> placeholder must end its line"):
+        encoder.encode(sample)
+
+
 def test_video_with_many_frames_samples_eight_in_order(tmp_path, tokenizer, encoder):
     for index in range(20):
         save_image(tmp_path / "clip" / f"{index:03d}.png", (28, 28), (10 * index, 0, 0))
@@ -298,13 +326,10 @@ def test_video_with_many_frames_samples_eight_in_order(tmp_path, tokenizer, enco
     assert encoded.image_num_patches == [1] * 8 and encoded.pixel_values.shape[0] == 8
 
 
-# --------------------------------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------------------------------- edge cases
 def test_images_in_different_turns_of_the_content_list_layout(tokenizer, encoder):
-    """Images of two turns number as Image-1/Image-2 over the whole conversation; the answer spans must not move.
-
-    The encoder renders each prefix `messages[:i]` on its own, where only one image is seen and it renders without
-    `Image-1: `: the prefix is shorter than in the full text and the supervised span starts too early.
-    """
+    """Images of two turns number as Image-1/Image-2 over the whole conversation; the answer spans must not move
+    (a prefix of the conversation alone would render its one image without `Image-1: `)."""
     image = PIL.Image.new("RGB", (28, 28), PALETTE["blue"])
     sample = Sample(
         [
@@ -321,9 +346,8 @@ def test_images_in_different_turns_of_the_content_list_layout(tokenizer, encoder
 
 @pytest.mark.parametrize("final", [False, True], ids=["empty-answer-mid-conversation", "empty-last-answer"])
 def test_empty_assistant_turn_is_never_a_user_turn_or_a_crash(final, tokenizer, processor, encoder):
-    """The template renders an empty answer as its header only (no `<|im_end|>`): the encoder then looks for the
-    next `<|im_end|>`, supervising the following USER turn, or, for a last empty answer, raises a bare ValueError
-    that `SFTDataset` does not catch (a long run would crash instead of dropping the sample)."""
+    """The template renders an empty answer as its header only (no `<|im_end|>`): no label may then fall on the
+    following user turn, and the error must be a `DataError` that `SFTDataset` drops (a long run never crashes)."""
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]
     if not final:
         messages += [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "blue"}]

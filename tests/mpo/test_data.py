@@ -218,3 +218,17 @@ def test_pairs_render_like_the_sft_samples(processor):
     reference = SupervisedEncoder(processor).encode(sample)
     assert encoded.chosen.input_ids == reference.input_ids and encoded.chosen.labels == reference.labels
     assert torch.equal(encoded.pixel_values, reference.pixel_values) and encoded.rejected.pixel_values is None
+
+
+def test_preference_video_frames_follow_the_official_mpo_prompt(tmp_path, tokenizer, processor):
+    """Official `internvl_chat_mpo.py` replaces `<video>\\n` by `Frame{i}: <image>` lines joined by newlines, with
+    no newline before the question (SFT data writes `Frame-{i}: ` and keeps it)."""
+    for index in range(2):
+        save_image(tmp_path / "images/clip" / f"{index:03d}.jpg", (28, 28), (0, 255, 0))
+    (source,), _ = read_preference_meta(
+        write_mmpr(tmp_path, [{"video": "clip", "question": "What happens?", "chosen": "green", "rejected": "red"}])
+    )
+    encoded = PreferenceEncoder(processor).encode(source.samples[0])
+    span = "<img>" + "<IMG_CONTEXT>" * TOKENS_PER_TILE + "</img>"
+    for row in (encoded.chosen, encoded.rejected):
+        assert f"user\nFrame1: {span}\nFrame2: {span}What happens?<|im_end|>" in tokenizer.decode(row.input_ids)

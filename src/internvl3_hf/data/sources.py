@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
+
 OFFICIAL_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
 T = TypeVar("T")
 
 
@@ -98,12 +98,10 @@ def add_missing_placeholders(sample: Sample) -> None:
     text = "".join(message["content"] for message in user_turns)
     prefix = ""
     if sample.images and IMAGE_PLACEHOLDER not in text:
-        if len(sample.images) == 1:
-            prefix += f"{IMAGE_PLACEHOLDER}\n"
-        else:
-            prefix += "".join(f"Image-{index}: {IMAGE_PLACEHOLDER}\n" for index in range(1, len(sample.images) + 1))
+        count = len(sample.images)
+        prefix += "".join(image_prompt(number, count) for number in range(1, count + 1))
     if sample.videos and VIDEO_PLACEHOLDER not in text:
-        prefix += f"{VIDEO_PLACEHOLDER}\n" * len(sample.videos)
+        prefix += video_prompt() * len(sample.videos)
     user_turns[0]["content"] = prefix + user_turns[0]["content"]
 
 

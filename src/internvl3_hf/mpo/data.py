@@ -30,8 +30,6 @@ import torch
 from ..data.dataset import _reason as drop_reason
 from ..data.encoding import IGNORE_INDEX, EncodedSample, SupervisedEncoder
 from ..data.sources import (
-    IMAGE_PLACEHOLDER,
-    VIDEO_PLACEHOLDER,
     DataError,
     Sample,
     Source,
@@ -41,6 +39,7 @@ from ..data.sources import (
     resolve_video,
 )
 from ..data.synthetic import COLOURS, shape_image
+from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class PreferencePair:
         )
 
 
-def _message_text(content: Any, origin: str, image_counter: list[int], multi_image: bool) -> str:
+def _message_text(content: Any, origin: str, image_counter: list[int], num_images: int) -> str:
     """A message content as text: typed parts (`{"type": "image"|"video"|"text"}`) rendered like the chat template."""
     if isinstance(content, str):
         return content
@@ -92,9 +91,9 @@ def _message_text(content: Any, origin: str, image_counter: list[int], multi_ima
             text += part.get("text") or ""
         elif kind == "image":
             image_counter[0] += 1
-            text += f"Image-{image_counter[0]}: {IMAGE_PLACEHOLDER}\n" if multi_image else f"{IMAGE_PLACEHOLDER}\n"
+            text += image_prompt(image_counter[0], num_images)
         elif kind == "video":
-            text += f"{VIDEO_PLACEHOLDER}\n"
+            text += video_prompt()
         else:
             raise DataError(f"{origin}: unsupported message part {part!r}; use text, image or video parts.")
     return text
@@ -117,13 +116,13 @@ def _prompt_messages(prompt: Any, origin: str) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if not prompt:
         raise DataError(f"{origin}: empty or missing prompt.")
-    multi_image, counter = _count_image_parts(prompt) > 1, [0]
+    num_images, counter = _count_image_parts(prompt), [0]
     messages = []
     for message in prompt:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
             raise DataError(f"{origin}: unknown role {role!r}; use system, user or assistant.")
-        messages.append({"role": role, "content": _message_text(message.get("content"), origin, counter, multi_image)})
+        messages.append({"role": role, "content": _message_text(message.get("content"), origin, counter, num_images)})
     if messages[-1]["role"] != "user":
         raise DataError(f"{origin}: the prompt must end with a user turn, not {messages[-1]['role']!r}.")
     return messages
