@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     if args.chat_only:
-        from .demo_chat import run_demo
+        from .demo.chat import run_demo
 
         run_demo(args.output, max_new_tokens=args.max_new_tokens)
         return
