@@ -3,15 +3,18 @@
     python benchmarks/best_of_n.py                       # CPU, tiny policy and critic, 2 questions x N=8
     python benchmarks/best_of_n.py --questions 8 --n 16 --max-new-tokens 64
 
-Both pipelines answer the same questions about the same images with the same tiny random InternVL3 policy and
-VisualPRM critic (built locally, no download):
+All pipelines answer the same questions about the same image-heavy prompts (by default one 13-tile image per
+question, 12 tiles + thumbnail; `--tiles`) with the same tiny random InternVL3 policy and VisualPRM critic (built
+locally, no download):
 
 - naive loop: per candidate, one `generate` (one sample) and one critic call (tiling and ViT included each time);
-- batched: one `generate` for all questions with `num_return_sequences=N` (one ViT pass per batch), then one
-  `VisualPRM.score_many` call (per question: images tiled and encoded once, the conversation prefix shared by the
-  candidates encoded once, candidates in critic batches), in the single-forward and the per-step scoring modes.
+- batched, prefill x N: one `generate` for all questions with `num_return_sequences=N` (the vision tower once per
+  batch, but every prompt prefilled N times), then one `VisualPRM.score_many` call (per question: images tiled and
+  encoded once, the conversation prefix shared by the candidates encoded once, candidates in critic batches);
+- batched, shared prefill (what `best_of_n` runs): each prompt prefilled once, its KV cache repeated N times, then
+  the same sampling; the critic in its single-forward and per-step scoring modes.
 
-Every candidate is forced to `--max-new-tokens` tokens (`min_new_tokens`), so both pipelines generate the same
+Every candidate is forced to `--max-new-tokens` tokens (`min_new_tokens`), so all pipelines generate the same
 number of tokens. The pipelines are interleaved repeat by repeat so that machine noise hits them alike; the
 table shows the median.
 """
@@ -41,19 +44,21 @@ QUESTIONS = [
 ]
 
 
-def build_models(seed: int = 0):
+def build_models(seed: int = 0, tile_size: int = 28):
     tokenizer = build_tiny_tokenizer()
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, image_size=tile_size)
     torch.manual_seed(seed)
     policy = InternVL3ForConditionalGeneration(config).eval()
     critic = InternVL3ForConditionalGeneration(config).eval()
     return policy, critic, processor_for_config(tokenizer, config)
 
 
-def build_images(count: int) -> list[Image.Image]:
-    """112×56 noise images: 8 tiles + thumbnail of 28 px in the tiny config (36 image tokens each)."""
+def build_images(count: int, tiles: int, tile_size: int = 28) -> list[Image.Image]:
+    """Noise strips of `tiles` tiles side by side: the tiler keeps that `tiles` x 1 grid (up to its 12-tile maximum)
+    and adds the thumbnail; (tile_size / 14)² image tokens per tile in the tiny config (patch 7, pixel unshuffle)."""
     generator = np.random.default_rng(0)
-    return [Image.fromarray(generator.integers(0, 256, (56, 112, 3), dtype=np.uint8)) for _ in range(count)]
+    shape = (tile_size, tile_size * tiles, 3)
+    return [Image.fromarray(generator.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
 
 
 def naive_loop(policy, processor, critic, questions, images, n, generation) -> tuple[float, float]:
@@ -69,10 +74,12 @@ def naive_loop(policy, processor, critic, questions, images, n, generation) -> t
     return generate_time, critic_time
 
 
-def batched(policy, processor, critic, questions, images, n, generation, mode) -> tuple[float, float]:
-    """What `best_of_n` runs: one generate for everything, one critic call for every candidate."""
+def batched(policy, processor, critic, questions, images, n, generation, mode, shared_prefill) -> tuple[float, float]:
+    """One generate for everything (each prompt prefilled once, or N times), one critic call for every candidate."""
     start = time.perf_counter()
-    groups = generate_candidates(policy, processor, questions, [[image] for image in images], n, **generation)
+    groups = generate_candidates(
+        policy, processor, questions, [[image] for image in images], n, shared_prefill=shared_prefill, **generation
+    )
     middle = time.perf_counter()
     responses = [[candidate.text for candidate in group] for group in groups]
     critic.score_many(questions, responses, [[image] for image in images], mode=mode)
@@ -85,6 +92,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="candidates per question")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--critic-batch-size", type=int, default=8)
+    parser.add_argument("--tiles", type=int, default=12, help="tiles per image (plus the thumbnail)")
+    parser.add_argument("--tile-size", type=int, default=28, help="tile side in pixels: (side / 14)² image tokens per "
+                        "tile (28: 4 tokens; 56: 16 tokens, 208 per 13-tile image)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: tiny models gain nothing from more, and one "
@@ -93,20 +103,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    policy, critic_model, processor = build_models()
+    policy, critic_model, processor = build_models(tile_size=args.tile_size)
     critic = VisualPRM(critic_model, processor, batch_size=args.critic_batch_size)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
-    images = build_images(args.questions)
+    images = build_images(args.questions, args.tiles, args.tile_size)
     generation = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=True)
     pipelines = {
         "naive loop (1 generate + 1 critic call per candidate)": lambda q, i, n: naive_loop(
             policy, processor, critic, q, i, n, generation
         ),
-        "batched generate + batched critic, single_forward": lambda q, i, n: batched(
-            policy, processor, critic, q, i, n, generation, "single_forward"
+        "batched, prefill x N + critic single_forward": lambda q, i, n: batched(
+            policy, processor, critic, q, i, n, generation, "single_forward", shared_prefill=False
         ),
-        "batched generate + batched critic, per_step": lambda q, i, n: batched(
-            policy, processor, critic, q, i, n, generation, "per_step"
+        "batched, shared prefill + critic single_forward": lambda q, i, n: batched(
+            policy, processor, critic, q, i, n, generation, "single_forward", shared_prefill=True
+        ),
+        "batched, shared prefill + critic per_step": lambda q, i, n: batched(
+            policy, processor, critic, q, i, n, generation, "per_step", shared_prefill=True
         ),
     }
 
@@ -121,7 +134,9 @@ def main() -> None:
     candidates = args.questions * args.n
     print(
         f"Best-of-N, tiny InternVL3 policy and critic (random weights), {args.questions} questions x N={args.n}, "
-        f"{args.max_new_tokens} new tokens per candidate, 9 tiles per image, critic batch {args.critic_batch_size}"
+        f"{args.max_new_tokens} new tokens per candidate, {args.tiles} tiles + thumbnail of {args.tile_size} px per "
+        f"image ({(args.tiles + 1) * (args.tile_size // 14) ** 2} image tokens), critic batch "
+        f"{args.critic_batch_size}"
     )
     machine = platform.processor() or platform.machine()
     print(

@@ -191,13 +191,15 @@ def generate_candidates(
     *,
     system: str | None = None,
     do_sample: bool = True,
+    shared_prefill: bool = True,
     **generate_kwargs,
 ) -> list[list[Candidate]]:
     """Sample `n` answers per question in one batched `generate` (`generate_with_shared_prefill`).
 
     Each question's images are tiled once and its prompt (image tokens included) is prefilled once; the `n`
     samples decode from copies of that cache. The policy's V2PE setting and attention backend apply as in any
-    `generate` call.
+    `generate` call. `shared_prefill=False` calls `generate(num_return_sequences=n)` instead, which prefills every
+    prompt `n` times (same candidates; kept for comparisons).
     """
     _check_n(n)
     if len(questions) != len(images):
@@ -212,7 +214,10 @@ def generate_candidates(
     inputs = processor(
         text=prompts, images=image_lists if any(image_lists) else None, padding=True, return_tensors="pt"
     ).to(model.device)
-    output = generate_with_shared_prefill(model, inputs, n, do_sample=do_sample, **generate_kwargs)
+    if shared_prefill:
+        output = generate_with_shared_prefill(model, inputs, n, do_sample=do_sample, **generate_kwargs)
+    else:
+        output = model.generate(**inputs, num_return_sequences=n, do_sample=do_sample, **generate_kwargs)
     eos_ids = _eos_ids(model, generate_kwargs)
     candidates = [
         _decode_candidate(processor, row, eos_ids) for row in output[:, inputs["input_ids"].shape[1] :].tolist()
