@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,7 +18,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 import internvl3_hf  # noqa: F401  (registers internvl3 / internvl_chat)
 from internvl3_hf import InternVL3Config, InternVL3ForConditionalGeneration, InternVL3Processor
 from internvl3_hf.formats.convert import convert
-from internvl3_hf.formats.official import official_config_to_plugin, plugin_config_to_official, save_official
+from internvl3_hf.formats.official import (
+    official_config_to_plugin,
+    plugin_config_to_official,
+    save_official,
+    tokenizer_token_ids,
+)
 from internvl3_hf.processing import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
@@ -599,3 +605,17 @@ def test_official_img_context_token_id_attribute_is_the_config_field(official_di
     inputs = _image_inputs(AutoProcessor.from_pretrained(directory))
     with pytest.raises(ValueError, match="input_ids hold 0 <IMG_CONTEXT> tokens"):
         model(**inputs)
+
+
+def test_hub_checkpoint_token_ids_come_from_its_cached_tokenizer(specials_first_tokenizer, tmp_path, monkeypatch):
+    """For a Hub id the tokenizer is read from the local cache (reading a config never downloads)."""
+    snapshot = tmp_path / "models--someone--tiny-internvl" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someone--tiny-internvl" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-internvl" / "refs" / "main").write_text("0" * 40)
+    specials_first_tokenizer.save_pretrained(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert tokenizer_token_ids("someone/tiny-internvl") == {
+        "image_token_id": 5, "image_start_token_id": 3, "image_end_token_id": 4, "eos_token_id": 2,
+    }
+    assert tokenizer_token_ids("someone/not-in-the-cache") is None

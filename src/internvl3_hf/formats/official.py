@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import save_torch_state_dict
+from huggingface_hub import save_torch_state_dict, try_to_load_from_cache
 from transformers import AutoTokenizer, InternVLVisionConfig, Qwen2Config
 
 from ..modeling.configuration_internvl3 import (
@@ -97,22 +97,17 @@ def _refuse_unsupported(config_dict: dict) -> None:
 
 
 def tokenizer_token_ids(source: str | Path | None) -> dict[str, int] | None:
-    """The ids `TOKEN_ID_FIELDS` get from the tokenizer saved with checkpoint `source` (a folder, read locally, or a
-    Hub id), as the official code takes them (`tokenizer.convert_tokens_to_ids`); `None` where it has no tokenizer."""
-    if source is None:
+    """The ids `TOKEN_ID_FIELDS` get from the tokenizer saved with checkpoint `source`, as the official code takes
+    them (`tokenizer.convert_tokens_to_ids`); `None` where it has no tokenizer.
+
+    `source` is a folder or a Hub id; reading a config never downloads, so a Hub checkpoint's tokenizer is read from
+    the local cache only.
+    """
+    folder = _tokenizer_folder(source)
+    if folder is None:
         return None
-    folder = Path(source).expanduser()
     # The LLM's config stands in for the checkpoint's: AutoTokenizer would read config.json, i.e. come back here.
-    llm_config = Qwen2Config()
-    if folder.is_dir():
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return None
-        tokenizer = AutoTokenizer.from_pretrained(folder, config=llm_config, local_files_only=True)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), config=llm_config)
-        except (OSError, ValueError):
-            return None
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True)
     ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in TOKEN_ID_FIELDS.items()}
     missing = [TOKEN_ID_FIELDS[field] for field, token_id in ids.items() if token_id in (None, tokenizer.unk_token_id)]
     if missing:
@@ -121,6 +116,20 @@ def tokenizer_token_ids(source: str | Path | None) -> dict[str, int] | None:
             f"{', '.join(TOKEN_ID_FIELDS.values())} as single tokens. Save the checkpoint's own tokenizer there."
         )
     return ids
+
+
+def _tokenizer_folder(source: str | Path | None) -> Path | None:
+    """The local folder holding checkpoint `source`'s tokenizer files (a Hub id's cached snapshot), or `None`."""
+    if source is None:
+        return None
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+    for name in TOKENIZER_FILES:
+        cached = try_to_load_from_cache(str(source), name)
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
 
 
 def resolve_token_ids(source: str | Path | None, stored: dict[str, Any] | None = None) -> dict[str, int]:
@@ -132,7 +141,8 @@ def resolve_token_ids(source: str | Path | None, stored: dict[str, Any] | None =
         fallback = {**QWEN25_TOKEN_IDS, **stored}
         if stored.keys() != QWEN25_TOKEN_IDS.keys():
             logger.warning(
-                "%s has no tokenizer beside its config.json, so the ids of %s cannot be read from it; using %s (the "
+                "%s has no tokenizer beside its config.json (for a Hub checkpoint: in the local cache), so the ids "
+                "of %s cannot be read from it; using %s (the "
                 "released InternVL3 / Qwen2.5 tokenizer's). Save the checkpoint's tokenizer there if it uses other "
                 "ids.",
                 source if source is not None else "This official config (no checkpoint folder given)",
