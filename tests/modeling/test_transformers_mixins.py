@@ -54,12 +54,15 @@ def pip_download(requirement: str, destination: Path, *flags: str) -> Path | Non
 
 def transformers_tests_root() -> tuple[Path | None, str]:
     """A folder holding package `PACKAGE` (the sdist's tests plus the stubs), or `None` and why it is missing."""
-    cache = Path(os.environ.get("INTERNVL3_HF_CACHE", Path.home() / ".cache" / "internvl3-hf")) / f"transformers-{VERSION}"
+    cache = Path(os.environ.get("INTERNVL3_HF_CACHE", Path.home() / ".cache" / "internvl3-hf"))
+    cache = cache / f"transformers-{VERSION}"
     package = cache / PACKAGE
     if (package / "test_modeling_common.py").exists():
         return cache, ""
     sdist = os.environ.get("INTERNVL3_HF_TRANSFORMERS_SDIST")
-    sdist = Path(sdist) if sdist else pip_download(f"transformers=={VERSION}", cache / "downloads", "--no-binary", ":all:")
+    if not sdist:
+        sdist = pip_download(f"transformers=={VERSION}", cache / "downloads", "--no-binary", ":all:")
+    sdist = Path(sdist) if sdist else None
     if sdist is None or not sdist.exists():
         return None, f"the transformers {VERSION} sdist (its tests/) is neither given nor downloadable from PyPI"
     package.mkdir(parents=True, exist_ok=True)
