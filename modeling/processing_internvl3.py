@@ -261,9 +261,11 @@ class InternVL3Processor(ProcessorMixin):
             images_kwargs["jpeg_rng"] = random.Random(output_kwargs["jpeg_seed"])
         _video_frame_format(frame_format)  # an unknown name fails before any image is decoded
         image_sizes, video_counts = output_kwargs.get("image_sizes"), output_kwargs.get("video_num_frames")
-        if (image_sizes is not None and images is not None) or (video_counts is not None and videos is not None):
-            raise ValueError("Pass images or image_sizes (videos or video_num_frames), not both.")
         plan_only = image_sizes is not None or video_counts is not None
+        if plan_only and (images is not None or videos is not None):
+            raise ValueError(
+                "Pass images and videos, or image_sizes and video_num_frames (planning without pixels), not both."
+            )
         if plan_only:
             images_per_sample = self._visuals_per_sample(
                 image_sizes, texts, IMAGE_PLACEHOLDER, "image_sizes", _is_size_batch

@@ -64,7 +64,7 @@ class SupervisedEncoder:
         kwargs = {"share_tile_budget": True, "video_frame_format": self.video_frame_format}
         if sample.max_dynamic_patch:
             kwargs["max_patches"] = sample.max_dynamic_patch
-        sizes = [image_size(image, origin) for image in sample.images]  # headers only: cheap, and fails early
+        sizes = [image_size(image, origin) for image in sample.images]  # headers first: the same errors either way
         if with_pixels:
             kwargs["images"] = [open_image(image, origin) for image in sample.images]
             videos = [[open_image(frame, origin) for frame in video] for video in sample.videos]
@@ -121,6 +121,8 @@ def open_image(image, origin: str) -> PIL.Image.Image:
 
 
 def _content_items(content) -> list[dict]:
+    if content is None:
+        return []
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
 
 
@@ -170,6 +172,9 @@ def _with_video_items(messages: list[dict], videos: list, origin: str) -> list[d
     converted = []
     for message in messages:
         content = message["content"]
+        if content is None:
+            converted.append(message)
+            continue
         if isinstance(content, str):
             if VIDEO_PLACEHOLDER not in content:
                 converted.append(message)
