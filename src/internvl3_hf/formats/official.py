@@ -157,8 +157,8 @@ def resolve_token_ids(source: str | Path | None, stored: dict[str, Any] | None =
     ]
     if disagree:
         raise ValueError(
-            f"{source}: config.json stores token ids that its tokenizer contradicts ({', '.join(disagree)}). The "
-            "official code uses the tokenizer's; remove those fields from config.json or save the right tokenizer."
+            f"{source}: config.json stores token ids that its tokenizer contradicts ({', '.join(disagree)}). Prompts "
+            "hold the tokenizer's ids; remove those fields from config.json or save the checkpoint's own tokenizer."
         )
     return from_tokenizer
 
