@@ -1,36 +1,41 @@
-"""MPO training step: `MPOTrainer` (ViT once per preference pair) vs TRL's own `DPOTrainer` with the MPO loss list.
+"""MPO training step: `MPOTrainer` (shared prompt, ViT once per pair) vs TRL's own `DPOTrainer` with the MPO loss list.
 
-    python benchmarks/mpo.py                          # CPU (1 thread), "1b-like" random model, 2 pairs x 13 tiles
-    python benchmarks/mpo.py --profile 8b-like --rounds 2
-    python benchmarks/mpo.py --device cuda            # on a GPU (bf16)
+    python benchmarks/mpo.py                            # CPU (1 thread), both profiles, 2 pairs x 13 tiles, 1 round
+    python benchmarks/mpo.py --profiles 8b-like --rounds 3
+    python benchmarks/mpo.py --device cuda --rounds 3   # on a GPU (bf16, sdpa)
 
 All variants train the same random InternVL3 (built locally, no download) on the same `datasets.Dataset` of
 image-heavy preference pairs in TRL's conversational layout (one 448x336 image per pair: 12 tiles + thumbnail;
-112-px tiles keep CPU runs short), full fine-tuning with an explicit reference copy, the same optimizer and batch:
+112-px tiles keep CPU runs short), full fine-tuning, the same optimizer and batch:
 
-- `trl.DPOTrainer`: TRL 1.16 as is, `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`.
-  It runs this model directly: its `DataCollatorForVisionPreference` calls the plugin processor (which tiles
-  and expands the images) and TRL's fused LM head reaches the backbone through `base_model_prefix`. Its collator
-  processes every image twice (prompt x2) and the vision tower encodes the duplicated tiles in the policy and
-  in the reference forward. Differences that are not the point: TRL has no reward shift (delta = 0), and its
-  rendering of the answer adds one extra `<|im_end|>` token per row.
-- `MPOTrainer, ViT twice`: this plugin's trainer with `share_vision_forward=False` (duplicated tiles, as TRL),
-  which isolates the cost of the second vision pass from everything else.
-- `MPOTrainer`: the default, one copy of the tiles per pair, one vision pass per pair for the policy and one for
-  the reference.
+- `trl.DPOTrainer`: TRL 1.16 as is, `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`,
+  with an explicit reference copy. It runs this model directly: its `DataCollatorForVisionPreference` calls the
+  plugin processor (which tiles and expands the images) and TRL's fused LM head reaches the backbone through
+  `base_model_prefix`. Its collator processes every image twice (prompt x2), the vision tower encodes the
+  duplicated tiles and the language model reads every prompt twice, in the policy and in the reference forward.
+  Differences that are not the point: TRL has no reward shift (delta = 0), and its completion mask also covers
+  the newline after each answer's `<|im_end|>`.
+- `MPOTrainer, separate rows, ViT twice`: `share_prompt=False, share_vision_forward=False` (TRL's layout), which
+  isolates the cost of the second vision pass and of the second prompt from everything else.
+- `MPOTrainer, separate rows, ViT once`: `share_prompt=False`: one vision pass per pair, the prompt twice.
+- `MPOTrainer`: as shipped (`share_prompt=True`): one `[prompt | chosen | rejected]` row per pair, so the vision
+  tower and the language model see each prompt once, in the policy and in the reference.
+- `MPOTrainer, precomputed reference`: as shipped plus `precompute_ref_log_probs=True`: one reference pass over
+  the data when training starts ("start s"), then no reference forward and no reference copy.
 
 Each variant runs in its own process (so that peak memory is its own): `--warmup` steps, then `--steps` timed
-steps; with `--rounds k` the three variants run k times, interleaved, and the table shows medians. "step" is the
+steps; with `--rounds k` the variants run k times, interleaved, and the table shows medians. "step" is the
 median wall time of on_step_begin -> on_step_end (forward, backward, optimizer; the batch is already collated),
 "step CPU" the process CPU time of the same span (steadier than wall time on a busy machine; with `--threads 1`
-it is the compute itself), "step+data" the median wall time between consecutive step ends (collation included).
-Memory: on CPU the peak resident set size minus the size just before training (`ru_maxrss`), on CUDA
-`max_memory_allocated`.
+it is the compute itself), "step+data" the median wall time between consecutive step ends (collation included),
+"start s" the time from `train()` to the first step (the reference pass, where there is one). Memory: on CPU the
+peak resident set size minus the size once the policy is built (so a reference copy counts), on CUDA
+`max_memory_allocated` from the policy's move to the GPU on.
 
 Profiles set the vision tower : language model proportions of a real model (per tile, the ViT sees 4x the tokens
 the LLM sees): "1b-like" has a ViT about 0.6x the LLM's parameters (InternVL3-1B: 0.3B ViT, 0.5B LLM), where the
-saved vision pass is a large share of the step; "8b-like" about 0.05x (InternVL3-8B: 0.3B ViT, 7B LLM), where it
-is small. The goal of >= 1.3x applies to image-heavy pairs on small LLMs; the measured numbers are what they are.
+saved vision pass is a large share of the step; "8b-like" about 0.05x (InternVL3-8B: 0.3B ViT, 7B LLM), where the
+language model's prompt reading dominates.
 """
 
 from __future__ import annotations
@@ -51,7 +56,19 @@ PROFILES = {
     # ViT params ~1.8M, LLM params ~36M: ratio ~0.05, like InternVL3-8B.
     "8b-like": {"vision": (192, 4, 3, 768), "text": (1024, 3, 8, 2, 3072)},
 }
-VARIANTS = {"trl": "trl.DPOTrainer (TRL's loss list)", "twice": "MPOTrainer, ViT twice", "mpo": "MPOTrainer"}
+VARIANTS = {
+    "trl": "trl.DPOTrainer (TRL's loss list)",
+    "twice": "MPOTrainer, separate rows, ViT twice",
+    "once": "MPOTrainer, separate rows, ViT once",
+    "mpo": "MPOTrainer (shared prompt)",
+    "precompute": "MPOTrainer, precomputed reference",
+}
+MPO_SETTINGS = {
+    "twice": {"share_prompt": False, "share_vision_forward": False},
+    "once": {"share_prompt": False},
+    "mpo": {},
+    "precompute": {"precompute_ref_log_probs": True},
+}
 
 
 def build(profile: str, seed: int = 0):
@@ -135,11 +152,12 @@ def run_variant(variant: str, profile: str, pairs: int, warmup: int, steps: int,
         args = DPOConfig(**common, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
         trainer_class = DPOTrainer
     else:
-        args = MPOConfig(**common, w_p=0.8, w_q=0.2, w_g=1.0, share_vision_forward=variant == "mpo")
+        args = MPOConfig(**common, w_p=0.8, w_q=0.2, w_g=1.0, **MPO_SETTINGS[variant])
         trainer_class = MPOTrainer
 
     class Timer(TrainerCallback):
         def __init__(self):
+            self.train_start, self.first_step = None, None
             self.begin, self.begin_cpu, self.steps, self.cpu, self.ends = None, None, [], [], []
 
         def _sync(self):
@@ -149,6 +167,7 @@ def run_variant(variant: str, profile: str, pairs: int, warmup: int, steps: int,
         def on_step_begin(self, args, state, control, **kwargs):
             self._sync()
             self.begin, self.begin_cpu = time.perf_counter(), time.process_time()
+            self.first_step = self.first_step or self.begin
 
         def on_step_end(self, args, state, control, **kwargs):
             self._sync()
@@ -158,17 +177,21 @@ def run_variant(variant: str, profile: str, pairs: int, warmup: int, steps: int,
             self.ends.append(now)
 
     timer = Timer()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if device != "cpu":
+        model.to(device)
+        torch.cuda.reset_peak_memory_stats()
+    rss_model = _current_rss_mib()
+    # The precomputed variant keeps no reference: the policy before training is the reference.
+    reference = None if variant == "precompute" else copy.deepcopy(model).eval().requires_grad_(False)
     trainer = trainer_class(
         model, ref_model=reference, args=args, train_dataset=dataset, processing_class=processor, callbacks=[timer]
     )
+    del reference
     batch = trainer.data_collator([dataset[i] for i in range(pairs)])
     tiles = int(batch["pixel_values"].shape[0])
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = _current_rss_mib()
+    timer.train_start = time.perf_counter()
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else _peak_rss_mib() - rss_before
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else _peak_rss_mib() - rss_model
     timed = timer.steps[warmup:]
     with_data = [b - a for a, b in zip(timer.ends[warmup - 1 :], timer.ends[warmup:])] if warmup else timed
     return {
@@ -176,9 +199,10 @@ def run_variant(variant: str, profile: str, pairs: int, warmup: int, steps: int,
         "step_s": statistics.median(timed),
         "step_cpu_s": statistics.median(timer.cpu[warmup:]),
         "step_data_s": statistics.median(with_data),
+        "start_s": timer.first_step - timer.train_start,
         "peak_mib": peak,
         "tiles_per_batch": tiles,
-        "tokens_per_row": int(batch["attention_mask"].sum(1).max()),
+        "llm_tokens": int(batch["attention_mask"].sum()),
     }
 
 
@@ -193,12 +217,14 @@ def _peak_rss_mib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="1b-like")
+    parser.add_argument("--profiles", nargs="+", choices=sorted(PROFILES), default=sorted(PROFILES))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants to run (trl is always run: it is the baseline)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--rounds", type=int, default=1, help="run the three variants this many times, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's own choice (default 1: "
                         "steadier timings, and process CPU time then measures the compute)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process
@@ -212,7 +238,7 @@ def main() -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_variant(args.variant, args.profile, args.pairs, args.warmup, args.steps, args.device)
+        result = run_variant(args.variant, args.profiles[0], args.pairs, args.warmup, args.steps, args.device)
         print("RESULT " + json.dumps(result))
         return
 
@@ -220,45 +246,67 @@ def main() -> None:
     import transformers
     import trl
 
-    print(
-        f"MPO step, profile {args.profile}, {args.pairs} pairs/step, {args.warmup} warmup + {args.steps} timed steps, "
-        f"device {args.device}, {args.rounds} round(s); torch {torch.__version__} "
-        f"({args.threads or torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__}, trl {trl.__version__}, {platform.processor() or platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
-    runs = {variant: [] for variant in VARIANTS}
-    for _ in range(args.rounds):
-        for variant in runs:
-            command = [sys.executable, __file__, "--variant", variant, "--profile", args.profile, "--pairs",
-                       str(args.pairs), "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            completed = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-            if completed.returncode or not lines:
-                print(completed.stdout[-2000:], completed.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"variant {variant} failed")
-            runs[variant].append(json.loads(lines[-1][len("RESULT "):]))
+    variants = ["trl", *(variant for variant in args.variants if variant != "trl")]
+    for profile in args.profiles:
+        print(
+            f"\nMPO step, profile {profile}, {args.pairs} pairs/step, {args.warmup} warmup + {args.steps} timed steps, "
+            f"device {args.device}, {args.rounds} round(s); torch {torch.__version__} "
+            f"({args.threads or torch.get_num_threads()} threads), transformers "
+            f"{transformers.__version__}, trl {trl.__version__}, {_machine(args.device)}, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        runs = {variant: [] for variant in variants}
+        for _ in range(args.rounds):
+            for variant in runs:
+                runs[variant].append(_run_child(variant, profile, args))
+        print_table(runs, args.device)
+
+
+def _run_child(variant: str, profile: str, args) -> dict:
+    command = [sys.executable, __file__, "--variant", variant, "--profiles", profile, "--pairs", str(args.pairs),
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]  # fmt: skip
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode or not lines:
+        print(completed.stdout[-2000:], completed.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"variant {variant} ({profile}) failed")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def print_table(runs: dict[str, list[dict]], device: str) -> None:
+    """Medians over the rounds, side by side with TRL; per-round ratios when there are several rounds."""
     results = {
         variant: {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "variant"}
         for variant, rounds in runs.items()
     }
     base = results["trl"]
-    memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS +MiB"
-    print(f"\n| trainer | tiles/step | step s | step CPU s | step+data s | {memory} | speed-up vs TRL (step / CPU) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    memory = "peak GPU MiB" if device == "cuda" else "peak RSS +MiB"
+    print(f"\n| trainer | tiles/step | LLM tokens/step | step s | step CPU s | step+data s | start s | {memory} "
+          "| speed-up vs TRL (step / CPU) | memory vs TRL |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant, result in results.items():
         print(
-            f"| {VARIANTS[variant]} | {result['tiles_per_batch']:.0f} | {result['step_s']:.3f} | {result['step_cpu_s']:.3f} "
-            f"| {result['step_data_s']:.3f} | {result['peak_mib']:.0f} | {base['step_s'] / result['step_s']:.2f}x / "
-            f"{base['step_cpu_s'] / result['step_cpu_s']:.2f}x |"
+            f"| {VARIANTS[variant]} | {result['tiles_per_batch']:.0f} | {result['llm_tokens']:.0f} "
+            f"| {result['step_s']:.3f} | {result['step_cpu_s']:.3f} | {result['step_data_s']:.3f} "
+            f"| {result['start_s']:.2f} | {result['peak_mib']:.0f} "
+            f"| {base['step_s'] / result['step_s']:.2f}x / {base['step_cpu_s'] / result['step_cpu_s']:.2f}x "
+            f"| {result['peak_mib'] / base['peak_mib']:.2f}x |"
         )
-    print(f"\ntokens per row: {results['mpo']['tokens_per_row']:.0f} (MPOTrainer), {base['tokens_per_row']:.0f} (TRL)")
-    if args.rounds > 1:
-        for key, label in (("step_s", "wall"), ("step_cpu_s", "CPU")):
-            ratios = [t[key] / m[key] for t, m in zip(runs["trl"], runs["mpo"])]
-            print(f"MPOTrainer vs TRL per round ({label}): " + ", ".join(f"{ratio:.2f}x" for ratio in ratios))
+    if len(runs["trl"]) > 1:
+        for variant in (variant for variant in runs if variant != "trl"):
+            for key, label in (("step_s", "wall"), ("step_cpu_s", "CPU")):
+                ratios = [t[key] / m[key] for t, m in zip(runs["trl"], runs[variant])]
+                print(f"{VARIANTS[variant]} vs TRL per round ({label}): " + ", ".join(f"{r:.2f}x" for r in ratios))
 
 
 if __name__ == "__main__":

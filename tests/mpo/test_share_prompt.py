@@ -200,3 +200,25 @@ def test_share_prompt_off_gives_separate_rows(setup, tmp_path):
     trainer = build_trainer(policy, reference, processor, tmp_path, share_prompt=False)
     assert not trainer.share_prompt
     assert trainer.data_collator([trainer.train_dataset[0]])["input_ids"].shape[0] == 2
+
+
+@pytest.mark.slow  # torch compiles flex attention on first use (about a minute on a CPU)
+def test_flex_attention_takes_the_mask_as_a_block_mask(setup, tmp_path):
+    """flex_attention gets a `BlockMask` from `create_causal_mask`; torch runs flex attention's backward on GPUs
+    only, so this CPU test compares the no-grad loss and metrics (the GPU check runs the gradient tests)."""
+    policy, reference, processor = setup(v2pe_mode="fixed", v2pe_delta=0.5)
+    for model in (policy, reference):
+        model.set_attn_implementation("flex_attention")
+    trainer = build_trainer(policy, reference, processor, tmp_path)
+    assert trainer.share_prompt
+    pairs = pairs_with_images()
+    results = []
+    for share in (False, True):
+        trainer._metrics["eval"].clear()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model.eval(), MPODataCollator(processor, share_prompt=share)(pairs))
+        results.append((loss.item(), {name: trainer._metrics["eval"][name][-1] for name in COMPARED_METRICS}))
+    (loss, metrics), (shared_loss, shared_metrics) = results
+    assert shared_loss == pytest.approx(loss, abs=1e-5)
+    for name in COMPARED_METRICS:
+        assert shared_metrics[name] == pytest.approx(metrics[name], abs=1e-5, rel=1e-6), name
