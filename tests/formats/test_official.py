@@ -179,14 +179,14 @@ _CORPUS = (
 )
 
 
-def build_specials_first_tokenizer() -> Qwen2Tokenizer:
+def build_specials_first_tokenizer(special_tokens: tuple[str, ...] = INTERNVL_SPECIAL_TOKENS) -> Qwen2Tokenizer:
     """A Qwen2 byte-level BPE whose special tokens take ids 0-11, far from Qwen2.5's 151643+ and from the ids of
     the project's tiny tokenizer (`<img>` is 3, `</img>` 4, `<IMG_CONTEXT>` 5, `<|im_end|>` 2)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=list(INTERNVL_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -194,9 +194,7 @@ def build_specials_first_tokenizer() -> Qwen2Tokenizer:
     state = json.loads(bpe.model.__getstate__())
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
-    tokenizer.add_special_tokens(
-        {"eos_token": "<|im_end|>", "additional_special_tokens": list(INTERNVL_SPECIAL_TOKENS[1:])}
-    )
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": list(special_tokens[1:])})
     tokenizer.pad_token = "<|endoftext|>"
     return tokenizer
 
@@ -358,6 +356,15 @@ def test_official_checkpoint_without_tokenizer_warns_and_uses_the_qwen25_ids(off
     assert config.eos_token_id == 151645
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert str(directory) in warning and "151667" in warning and "no tokenizer" in warning
+
+
+def test_official_checkpoint_whose_tokenizer_lacks_an_internvl_token_is_refused(tmp_path, model_factory,
+                                                                               specials_first_tokenizer):
+    reference = model_factory(tiny_config(specials_first_tokenizer))
+    plain = build_specials_first_tokenizer(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>"))
+    directory = write_official_checkpoint(tmp_path / "official", reference, plain)
+    with pytest.raises(ValueError, match=r"has no <IMG_CONTEXT> token"):
+        AutoConfig.from_pretrained(directory)
 
 
 def test_token_ids_stored_in_config_json_must_match_the_tokenizer(official_dir):

@@ -8,6 +8,7 @@ Writing: `save_official` is the explicit export (fused `attn.qkv`, official key 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -106,13 +107,22 @@ def tokenizer_token_ids(source: str | Path | None) -> dict[str, int] | None:
     folder = _tokenizer_folder(source)
     if folder is None:
         return None
+    stamp = tuple((name, path.stat().st_mtime_ns, path.stat().st_size) for name in TOKENIZER_FILES
+                  if (path := folder / name).is_file())
+    return dict(_token_ids_in_folder(str(folder), stamp))
+
+
+# Loading a checkpoint reads its config.json several times (AutoConfig, AutoTokenizer, AutoProcessor): the tokenizer
+# is built once per folder whose tokenizer files are unchanged (`stamp` only keys the cache).
+@functools.lru_cache(maxsize=16)
+def _token_ids_in_folder(folder: str, stamp: tuple) -> dict[str, int]:
     # The LLM's config stands in for the checkpoint's: AutoTokenizer would read config.json, i.e. come back here.
     tokenizer = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True)
     ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in TOKEN_ID_FIELDS.items()}
     missing = [TOKEN_ID_FIELDS[field] for field, token_id in ids.items() if token_id in (None, tokenizer.unk_token_id)]
     if missing:
         raise ValueError(
-            f"The tokenizer of {source} has no {', '.join(missing)} token: an InternVL checkpoint's tokenizer holds "
+            f"The tokenizer in {folder} has no {', '.join(missing)} token: an InternVL checkpoint's tokenizer holds "
             f"{', '.join(TOKEN_ID_FIELDS.values())} as single tokens. Save the checkpoint's own tokenizer there."
         )
     return ids
