@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.data import SequentialSampler
 from transformers import TrainingArguments
 
 from internvl3_hf.data import IGNORE_INDEX, Sample, SFTCollator, SFTDataset, SupervisedEncoder
@@ -81,11 +80,9 @@ def sft_dataset(tokenizer, config, **kwargs) -> SFTDataset:
     return SFTDataset(sft_samples(), encoder, **kwargs)
 
 
-class SequentialTrainer(InternVL3Trainer):
-    """Dataset order fixed (no shuffling), so that runs split the same samples differently."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+# The dataset order is fixed by `sgd_args` (`train_sampling_strategy="sequential"`), so that runs split the same
+# samples differently; the name stays for the test modules that import it.
+SequentialTrainer = InternVL3Trainer
 
 
 def sgd_args(output_dir, batch_size: int, accumulation: int, **overrides) -> TrainingArguments:
@@ -107,6 +104,7 @@ def sgd_args(output_dir, batch_size: int, accumulation: int, **overrides) -> Tra
         dataloader_num_workers=0,
         dataloader_drop_last=False,
         disable_tqdm=True,
+        train_sampling_strategy="sequential",
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
