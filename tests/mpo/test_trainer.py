@@ -358,3 +358,17 @@ def test_precompute_refuses_random_v2pe(tmp_path):
     model.config.v2pe_mode = "random"
     with pytest.raises(ValueError, match="v2pe_mode='random'"):
         make_trainer(tmp_path, model=model, distinct_reference=False, precompute_ref_log_probs=True)
+
+
+def test_precomputed_reference_for_eval_datasets(tmp_path):
+    """An eval dataset given at construction gets its reference pass with the training one; one given to
+    `evaluate` after full fine-tuning started cannot (no reference is kept) and says so."""
+    trainer = make_trainer(tmp_path, distinct_reference=False, precompute_ref_log_probs=True, max_steps=1,
+                           per_device_eval_batch_size=2)  # fmt: skip
+    trainer.eval_dataset = preference_dataset(small_pairs(2))  # as if given to the constructor
+    trainer.train()
+    assert set(trainer.reference_logps) == {"train", "eval"} and trainer.reference_logps["eval"].shape == (2, 2)
+    metrics = trainer.evaluate()
+    assert metrics["eval_rewards/margins"] != 0.0 and "eval_logps/chosen" in metrics
+    with pytest.raises(ValueError, match="after training started"):
+        trainer.evaluate(preference_dataset(small_pairs(3)))

@@ -279,6 +279,8 @@ class MPOTrainer(DPOTrainer):
             )
         if stand_in is not None:
             self.ref_model = None
+        # Under DeepSpeed the full fine-tuning reference (a copy, or TRL's reload under ZeRO-3) only serves the pass.
+        self._reference_only_for_precompute = precompute and full_fine_tuning and stand_in is None
         make_fused_forward_copy_safe(self._internvl3(self.model))
         if self.ref_model is not None:
             make_fused_forward_copy_safe(self.ref_model)
@@ -333,6 +335,8 @@ class MPOTrainer(DPOTrainer):
                 }
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval", saved)
+            if self._reference_only_for_precompute:
+                self.ref_model = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
