@@ -335,6 +335,15 @@ def test_dataset_level_packing_trains_like_unpacked(tmp_path, tokenizer, config,
     assert_params_close(params, expected)
 
 
+def test_trainer_overrides_only_public_trainer_hooks():
+    """The step's weight total reaches `compute_loss` through public hooks (`get_batch_samples`), not through a
+    private `Trainer` method that a transformers release may rename."""
+    from transformers import Trainer
+
+    overridden = {name for name in vars(InternVL3Trainer) if hasattr(Trainer, name)}
+    assert overridden and not {name for name in overridden if name.startswith("_") and not name.endswith("__")}
+
+
 def test_trainer_rejects_unknown_weighting(tmp_path, base_model):
     with pytest.raises(ValueError, match="loss_weighting"):
         InternVL3Trainer(model=base_model, args=sgd_args(tmp_path, 1, 1), loss_weighting="mean")
