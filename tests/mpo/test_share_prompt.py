@@ -17,7 +17,9 @@ from internvl3_hf.mpo.data import CHOSEN_SEGMENT, REJECTED_SEGMENT, synthetic_pr
 from internvl3_hf.processing import processor_for_config  # noqa: E402
 
 CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
-COMPARED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+COMPARED_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
