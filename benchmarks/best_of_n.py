@@ -33,7 +33,7 @@ from PIL import Image
 
 from internvl3_hf.best_of_n import VisualPRM, generate_candidates
 from internvl3_hf.modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import build_tiny_tokenizer, tiny_config
 
 QUESTIONS = [

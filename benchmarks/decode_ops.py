@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inference import build_inputs, build_model  # noqa: E402
 
 from internvl3_hf.formats.hf import to_native_model  # noqa: E402
-from internvl3_hf.processing import processor_for_config  # noqa: E402
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
 from internvl3_hf.tiny import build_tiny_tokenizer  # noqa: E402
 
 V2PE = {"none": dict(v2pe_mode="none"), "delta_1": dict(v2pe_mode="fixed", v2pe_delta=1.0),

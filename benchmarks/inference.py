@@ -48,7 +48,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from internvl3_hf import InternVL3Config, InternVL3ForConditionalGeneration
 from internvl3_hf.formats.hf import to_native_model
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import build_tiny_tokenizer
 
 SIZES = {

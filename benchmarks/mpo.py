@@ -77,7 +77,7 @@ def build(profile: str, seed: int = 0):
 
     from internvl3_hf.modeling.configuration_internvl3 import InternVL3Config
     from internvl3_hf.modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.modeling.processing_internvl3 import processor_for_config
     from internvl3_hf.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()

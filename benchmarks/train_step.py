@@ -280,7 +280,7 @@ def worker(args) -> None:
 
     from internvl3_hf import InternVL3ForConditionalGeneration
     from internvl3_hf.formats.hf import to_native_model
-    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.modeling.processing_internvl3 import processor_for_config
     from internvl3_hf.tiny import build_tiny_tokenizer
 
     transformers.logging.set_verbosity_error()

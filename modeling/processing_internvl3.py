@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from transformers import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
@@ -541,4 +542,17 @@ def _is_video_batch(value) -> bool:
 # Saved processors carry this code (auto_map), so AutoProcessor loads them where the package is absent.
 InternVL3Processor.register_for_auto_class()
 
-__all__ = ["InternVL3Processor", "processor_settings_from_model_config"]
+
+def processor_for_config(tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig) -> InternVL3Processor:
+    """An `InternVL3Processor` whose tiling, tokens per tile and system message follow a model's `config`, for a
+    checkpoint that ships no processor files of its own."""
+    settings = processor_settings_from_model_config(config.to_dict())
+    return InternVL3Processor(
+        image_processor=InternVL3ImageProcessor(**settings["image_processor"]),
+        tokenizer=tokenizer,
+        image_seq_length=settings["image_seq_length"],
+        chat_template=settings["chat_template"],
+    )
+
+
+__all__ = ["InternVL3Processor", "processor_settings_from_model_config", "processor_for_config"]

@@ -15,7 +15,7 @@ import internvl3_hf.hub as hub
 from internvl3_hf.chat import ChatSession
 from internvl3_hf.cli import main
 from internvl3_hf.formats.official import save_official
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.train import build_trainer, load_recipe
 
 # Every field vLLM / LMDeploy / SGLang read from an official InternVL config.json.

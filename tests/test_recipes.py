@@ -265,7 +265,7 @@ def test_the_builder_trains_like_a_hand_built_trainer_with_a_slow_vit(tmp_path):
     demo's hand-built two-rate AdamW: the same losses and weights after three steps."""
     from internvl3_hf.data import SFTCollator, SFTDataset, SupervisedEncoder
     from internvl3_hf.data.synthetic import synthetic_samples
-    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.modeling.processing_internvl3 import processor_for_config
     from internvl3_hf.sft import InternVL3Trainer
 
     learning_rate, scale = 0.01, 0.03
@@ -302,7 +302,7 @@ def test_the_builder_trains_like_a_hand_built_trainer_with_a_slow_vit(tmp_path):
 
 def test_the_mpo_builder_takes_a_model_and_pairs_from_python(tmp_path):
     from internvl3_hf.mpo import synthetic_preference_pairs
-    from internvl3_hf.processing import processor_for_config
+    from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 
     model = tiny_model(seed=3)
     processor = processor_for_config(build_tiny_tokenizer(), model.config)

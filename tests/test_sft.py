@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 
 from internvl3_hf.data import IGNORE_INDEX, Sample, SFTCollator, SFTDataset, SupervisedEncoder
 from internvl3_hf.losses import shifted_targets, target_weights, weighted_lm_loss
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf._compat import has_fused_lm_head
 from internvl3_hf.sft import InternVL3Trainer
 from internvl3_hf.tiny import tiny_config

@@ -23,7 +23,7 @@ from .data.synthetic import synthetic_samples
 from .errors import UserError, require_checkpoint
 from .formats.convert import load_checkpoint, load_processor
 from .modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from .processing import processor_for_config
+from .modeling.processing_internvl3 import processor_for_config
 from .recipes import (
     LLM_LORA_TARGETS,
     VISION_LORA_TARGETS,

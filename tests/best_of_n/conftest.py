@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from internvl3_hf.best_of_n import VisualPRM, critic_messages
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 
 
 @pytest.fixture

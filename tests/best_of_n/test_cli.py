@@ -9,7 +9,7 @@ import torch
 
 from internvl3_hf.cli import main
 from internvl3_hf.modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import build_tiny_tokenizer, tiny_config
 
 QUESTION = "How many shapes are in the image?"

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import build_tiny_tokenizer, tiny_config
 
 HERE = Path(__file__).parent

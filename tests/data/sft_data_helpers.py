@@ -16,7 +16,7 @@ import PIL.Image
 import pytest
 
 from internvl3_hf.data import SupervisedEncoder
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 TOKENS_PER_TILE = 4

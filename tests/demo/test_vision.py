@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 from internvl3_hf.demo import recipe, tasks
 from internvl3_hf.demo.model import build_demo_model, build_demo_tokenizer, demo_config
 from internvl3_hf.demo.vision import CELL_CLASSES, CellClassifier, cell_dataset, cell_labels, pretrain_vision_encoder
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 
 
 def _demo_model():

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, InternVLForConditionalGeneration
 from internvl3_hf import InternVL3ForConditionalGeneration
 from internvl3_hf.formats.convert import convert, detect_format, load_checkpoint
 from internvl3_hf.formats.hf import load_hf_config, save_hf, to_native_model
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 

@@ -24,7 +24,7 @@ from internvl3_hf.formats.official import (
     save_official,
     tokenizer_token_ids,
 )
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 # The documented official → in-memory key map (OpenGVLab `InternVLChatModel` vs transformers' native InternVL),

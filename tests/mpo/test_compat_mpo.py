@@ -15,7 +15,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from internvl3_hf._compat import trl_without_reference  # noqa: E402
 from internvl3_hf.mpo import preference_dataset  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
-from internvl3_hf.processing import processor_for_config  # noqa: E402
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
 
 CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
 

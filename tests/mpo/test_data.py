@@ -20,7 +20,7 @@ from internvl3_hf.mpo import (
     read_preference_meta,
     synthetic_preference_pairs,
 )
-from internvl3_hf.processing import processor_for_config
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 SYSTEM = "<|im_start|>system\n你是书生·万象"

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from internvl3_hf.mpo import MPOConfig, MPODataCollator, MPOTrainer, PreferencePair, preference_dataset  # noqa: E402
 from internvl3_hf.mpo.data import CHOSEN_SEGMENT, REJECTED_SEGMENT, synthetic_preference_pairs  # noqa: E402
-from internvl3_hf.processing import processor_for_config  # noqa: E402
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
 
 CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
 COMPARED_METRICS = (

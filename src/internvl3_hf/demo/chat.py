@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..chat import build_messages, chat
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from ..processing import processor_for_config
+from ..modeling.processing_internvl3 import processor_for_config
 from ..tiny import build_tiny_tokenizer, tiny_config
 
 QUESTION = "What colour is the square?"

@@ -9,8 +9,7 @@ from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
-from ..modeling.processing_internvl3 import InternVL3Processor
-from ..processing import processor_for_config
+from ..modeling.processing_internvl3 import InternVL3Processor, processor_for_config
 from . import hf, official
 
 FORMATS = ("plugin", "official", "hf")
