@@ -112,10 +112,12 @@ def describe_image_token_mismatch(
 @dataclass
 class InternVL3ModelOutputWithPast(InternVLModelOutputWithPast):
     r"""
-    rope_position_ids (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        The V2PE positions the rotary embedding used (float32, float64 beyond 2**16); `None` without V2PE.
+    rope_position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The positions the rotary embedding used when they are not `position_ids`: V2PE's (float32, float64 beyond
+        2**16) or those passed in. A next token on the cache sits at `rope_position_ids[:, -1:] + 1`.
     v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
-        Each image's V2PE increment in 1/256 position units (δ = stride / 256), images in row-major order.
+        Each image's V2PE increment in 1/256 position units (δ = stride / 256), images in row-major order; `None`
+        where this call derived no V2PE positions.
     """
 
     rope_position_ids: torch.Tensor | None = None
@@ -125,8 +127,8 @@ class InternVL3ModelOutputWithPast(InternVLModelOutputWithPast):
 @dataclass
 class InternVL3CausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     r"""
-    rope_position_ids (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        The V2PE positions the rotary embedding used; `None` without V2PE.
+    rope_position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The positions the rotary embedding used when they are not `position_ids` (V2PE's, or those passed in).
     v2pe_strides (`torch.LongTensor` of shape `(num_images,)`, *optional*):
         Each image's V2PE increment in 1/256 position units (δ = stride / 256).
     """
@@ -629,7 +631,10 @@ class InternVL3ForConditionalGeneration(
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        if rope_position_ids is not None:  # the tokens of this step, as transformers slices `position_ids`
+        position_ids = kwargs.get("position_ids")
+        if rope_position_ids is not None and position_ids is not None:
+            rope_position_ids = _continue_positions(rope_position_ids, position_ids.shape[-1])
+            # the tokens of this step, as transformers slices `position_ids`
             model_inputs["rope_position_ids"] = rope_position_ids[..., -model_inputs["position_ids"].shape[-1] :]
         return model_inputs
 
@@ -642,9 +647,19 @@ class InternVL3ForConditionalGeneration(
         )
         rope_position_ids = model_kwargs.pop("rope_position_ids", None)
         if rope_position_ids is not None and rope_position_ids.is_floating_point():
-            steps = torch.arange(1, num_new_tokens + 1, dtype=rope_position_ids.dtype, device=rope_position_ids.device)
-            model_kwargs["rope_position_ids"] = torch.cat([rope_position_ids, rope_position_ids[:, -1:] + steps], -1)
+            length = rope_position_ids.shape[-1] + num_new_tokens
+            model_kwargs["rope_position_ids"] = _continue_positions(rope_position_ids, length)
         return model_kwargs
+
+
+def _continue_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """`positions` `(batch, n)` continued to `length` by text tokens (+1 each), as generate continues
+    `position_ids` (also for the tokens assisted decoding proposes ahead of those it has kept)."""
+    missing = length - positions.shape[-1]
+    if missing <= 0:
+        return positions
+    steps = torch.arange(1, missing + 1, dtype=positions.dtype, device=positions.device)
+    return torch.cat([positions, positions[:, -1:] + steps], dim=-1)
 
 
 InternVL3Model.register_for_auto_class("AutoModel")

@@ -678,6 +678,19 @@ def test_beam_search_batch_equals_rows_alone(tokenizer, model_factory, make_batc
     assert torch.equal(both, torch.cat(rows))
 
 
+@pytest.mark.parametrize("setup", ["fixed_delta_1/4", "mixed_strides_argument"])
+def test_assisted_decoding_equals_greedy(setup, tokenizer, model_factory, make_batch):
+    """Assisted decoding runs the tokens it proposes ahead of the kept ones: their rotary positions continue too."""
+    model, inputs, kwargs = generation_setup(setup, tokenizer, model_factory, make_batch)
+    # The second row alone (assisted decoding takes batch size 1): its images are the second and third.
+    inputs = {"input_ids": inputs["input_ids"][1:], "attention_mask": inputs["attention_mask"][1:],
+              "pixel_values": inputs["pixel_values"][2:], "image_num_patches": inputs["image_num_patches"][1:]}
+    kwargs = {key: value[1:] for key, value in kwargs.items()}
+    expected = greedy(model, inputs, max_new_tokens=10, **kwargs)
+    assisted = greedy(model, inputs, max_new_tokens=10, assistant_model=copy.deepcopy(model), **kwargs)
+    assert torch.equal(assisted, expected)
+
+
 def test_inputs_embeds_path_equals_input_ids_path(tokenizer, model_factory, make_batch):
     model = model_factory(make_config(tokenizer, v2pe_mode="fixed", v2pe_delta=0.125))
     inputs = make_batch([[2], [1, 3]])
