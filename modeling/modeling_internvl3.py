@@ -426,6 +426,11 @@ class InternVL3Model(InternVL3PreTrainedModel):
                 "position_ids are integer positions for masks and attention kernels; pass fractional (V2PE) rotary "
                 "positions as rope_position_ids."
             )
+        if rope_position_ids is not None and rope_position_ids.dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"rope_position_ids in {rope_position_ids.dtype} lose V2PE's 1/256 steps (bf16 holds 4096.25 as 4096): "
+                "pass float32 (float64 beyond 2**16), and keep them out of any cast of float inputs to the model dtype."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_token_mask = None  # built only where needed: a decode step needs neither V2PE nor the image merge

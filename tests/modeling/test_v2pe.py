@@ -723,6 +723,13 @@ def test_bf16_model_keeps_exact_float32_fractional_positions(tokenizer, special_
     assert torch.isfinite(out.logits.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rope_positions_are_refused(dtype, model):
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="float32"):
+        model(input_ids=ids, rope_position_ids=torch.tensor([[0.0, 1.0, 2.0]], dtype=dtype))
+
+
 def test_positions_beyond_2_16_are_float64_and_exact():
     length = 2**16 + 10
     mask = torch.zeros(1, length, dtype=torch.bool)
