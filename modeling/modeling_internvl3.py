@@ -638,6 +638,10 @@ class InternVL3ForConditionalGeneration(
         )
         position_ids = kwargs.get("position_ids")
         if rope_position_ids is not None and position_ids is not None:
+            if rope_position_ids.shape[-1] > position_ids.shape[-1]:
+                # Chunked prefill hands over one chunk's `position_ids`: the chunk right after the cache.
+                start = past_key_values.get_seq_length() if past_key_values is not None else 0
+                rope_position_ids = rope_position_ids[..., start : start + position_ids.shape[-1]]
             rope_position_ids = _continue_positions(rope_position_ids, position_ids.shape[-1])
             # the tokens of this step, as transformers slices `position_ids`
             model_inputs["rope_position_ids"] = rope_position_ids[..., -model_inputs["position_ids"].shape[-1] :]

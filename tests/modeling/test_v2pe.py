@@ -691,6 +691,20 @@ def test_assisted_decoding_equals_greedy(setup, tokenizer, model_factory, make_b
     assert torch.equal(assisted, expected)
 
 
+@pytest.mark.parametrize("tiles", [[2], []], ids=["image", "text_only"])
+def test_chunked_prefill_equals_one_prefill(tiles, tokenizer, model_factory, make_batch):
+    """`prefill_chunk_size` feeds the prompt chunk by chunk (images pre-encoded): each chunk gets its own positions."""
+    model = model_factory(make_config(tokenizer, v2pe_mode="fixed", v2pe_delta=0.25))
+    inputs = make_batch([tiles])
+    inputs.pop("image_num_patches", None)
+    pixel_values = inputs.pop("pixel_values", None)
+    if pixel_values is not None:
+        with torch.no_grad():
+            inputs["mm_encoder_outputs"] = {"image": model.get_image_features(pixel_values)}
+    expected = greedy(model, inputs, max_new_tokens=8)
+    assert torch.equal(greedy(model, inputs, max_new_tokens=8, prefill_chunk_size=8), expected)
+
+
 def test_inputs_embeds_path_equals_input_ids_path(tokenizer, model_factory, make_batch):
     model = model_factory(make_config(tokenizer, v2pe_mode="fixed", v2pe_delta=0.125))
     inputs = make_batch([[2], [1, 3]])
