@@ -148,10 +148,9 @@ def test_dataset_packing_groups_and_lengths(processor):
         assert [e.input_ids for e in dataset[index]] == [encoder.encode(samples[i]).input_ids for i in group]
 
 
-# --------------------------------------------------------------------------------------------------- known bug
 def test_drop_reason_does_not_depend_on_the_file_path(tmp_path, processor):
-    """The reason is guessed from the message text, which starts with the file path: a dataset stored under
-    `.../empty_placeholder_answers/` has every drop counted as 'placeholder count' or 'empty conversation'."""
+    """The count follows the raise site's reason, not the message, which starts with the file path: a dataset
+    stored under `.../empty_placeholder_answers/` must not count its drops as 'placeholder count'."""
     directory = tmp_path / "empty_placeholder_answers"
     (source,), _ = read_official_meta(write_official(directory, [qa("long " * 200, "red"), qa("hello", "5")]))
     dataset = SFTDataset(source.samples, SupervisedEncoder(processor, max_length=MAX_LENGTH))

@@ -8,9 +8,9 @@ from collections import Counter
 from torch.utils.data import Dataset
 
 from .encoding import EncodedSample, SupervisedEncoder
-from .errors import drop_reason
+from .errors import DataError, drop_reason
 from .packing import pack_samples
-from .sources import DataError, Sample
+from .sources import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -84,5 +84,3 @@ class SFTDataset(Dataset):
                 return encoded
         raise RuntimeError("Every training sample failed to load; see the warnings above.")
 
-
-_reason = drop_reason  # the name mpo.data imports until it imports drop_reason from data.errors

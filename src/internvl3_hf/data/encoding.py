@@ -18,7 +18,8 @@ import torch
 from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, video_prompt
 from ..modeling.image_processing_internvl3 import open_image_file
 from ..modeling.processing_internvl3 import InternVL3Processor
-from .sources import DataError, Sample
+from .errors import DataError, DataErrorReason
+from .sources import Sample
 
 IGNORE_INDEX = -100
 
@@ -80,16 +81,23 @@ class SupervisedEncoder:
                 messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, processor_kwargs=kwargs
             )
         except jinja2.TemplateError as error:  # unknown roles/content types: report, don't crash the run
-            raise DataError(f"{sample.origin}: the chat template rejected the conversation ({error}).") from error
+            raise DataError(
+                f"{sample.origin}: the chat template rejected the conversation ({error}).",
+                DataErrorReason.TEMPLATE_REJECTED,
+            ) from error
         input_ids = list(out["input_ids"][0])
         labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, out["assistant_masks"][0])]
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise DataError(
                 f"{sample.origin}: {len(input_ids)} tokens exceed max_length={self.max_length}; truncating would cut "
-                "its image tokens or answer. Raise max_length, lower max_dynamic_patch, or drop the sample."
+                "its image tokens or answer. Raise max_length, lower max_dynamic_patch, or drop the sample.",
+                DataErrorReason.TOO_LONG,
             )
         if all(label == IGNORE_INDEX for label in labels):
-            raise DataError(f"{sample.origin}: no assistant answer to learn from (all labels are masked).")
+            raise DataError(
+                f"{sample.origin}: no assistant answer to learn from (all labels are masked).",
+                DataErrorReason.NOTHING_TO_LEARN,
+            )
         num_patches = [int(n) for n in out.get("image_num_patches", [])]
         encoded = EncodedSample(input_ids, labels, num_patches)
         if with_pixels and "pixel_values" in out:
@@ -105,9 +113,11 @@ def image_size(image, origin: str) -> tuple[int, int]:
         with PIL.Image.open(image) as opened:
             return opened.size
     except FileNotFoundError:
-        raise DataError(f"{origin}: image file {image} does not exist.") from None
+        raise DataError(f"{origin}: image file {image} does not exist.", DataErrorReason.MISSING_IMAGE) from None
     except (PIL.UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{origin}: image file {image} is not a readable image ({error}).") from None
+        raise DataError(
+            f"{origin}: image file {image} is not a readable image ({error}).", DataErrorReason.CORRUPT_IMAGE
+        ) from None
 
 
 def open_image(image, origin: str) -> PIL.Image.Image:
@@ -117,7 +127,9 @@ def open_image(image, origin: str) -> PIL.Image.Image:
     try:
         return open_image_file(image)
     except (FileNotFoundError, ValueError) as error:
-        raise DataError(f"{origin}: {error}") from error
+        missing = isinstance(error, FileNotFoundError)
+        reason = DataErrorReason.MISSING_IMAGE if missing else DataErrorReason.CORRUPT_IMAGE
+        raise DataError(f"{origin}: {error}", reason) from error
 
 
 def _content_items(content) -> list[dict]:
@@ -138,10 +150,11 @@ def _check_answers(sample: Sample) -> None:
             for item in items
         ):
             raise DataError(
-                f"{sample.origin}: an assistant answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder."
+                f"{sample.origin}: an assistant answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder.",
+                DataErrorReason.PLACEHOLDER_MISMATCH,
             )
         if not any(item.get("text") for item in items):
-            raise DataError(f"{sample.origin}: assistant turn {index} is empty.")
+            raise DataError(f"{sample.origin}: assistant turn {index} is empty.", DataErrorReason.EMPTY_CONVERSATION)
 
 
 def _check_placeholder_counts(sample: Sample) -> None:
@@ -158,10 +171,14 @@ def _check_placeholder_counts(sample: Sample) -> None:
     if counts[IMAGE_PLACEHOLDER] > images or counts[VIDEO_PLACEHOLDER] > videos:
         raise DataError(
             f"{sample.origin}: more {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders than images ({images}) "
-            f"and videos ({videos})."
+            f"and videos ({videos}).",
+            DataErrorReason.PLACEHOLDER_MISMATCH,
         )
     if counts[IMAGE_PLACEHOLDER] < images or counts[VIDEO_PLACEHOLDER] < videos:
-        raise DataError(f"{sample.origin}: {images} images and {videos} videos but fewer placeholders in the text.")
+        raise DataError(
+            f"{sample.origin}: {images} images and {videos} videos but fewer placeholders in the text.",
+            DataErrorReason.PLACEHOLDER_MISMATCH,
+        )
 
 
 def _with_video_items(messages: list[dict], videos: list, origin: str) -> list[dict]:
@@ -183,7 +200,8 @@ def _with_video_items(messages: list[dict], videos: list, origin: str) -> list[d
             for index, text in enumerate(content.split(video_prompt())):
                 if VIDEO_PLACEHOLDER in text:
                     raise DataError(
-                        f"{origin}: a {VIDEO_PLACEHOLDER} placeholder must end its line ({video_prompt()!r})."
+                        f"{origin}: a {VIDEO_PLACEHOLDER} placeholder must end its line ({video_prompt()!r}).",
+                        DataErrorReason.PLACEHOLDER_MISMATCH,
                     )
                 if index:
                     items.append({"type": "video"})

@@ -21,35 +21,20 @@ class DataErrorReason(str, Enum):
     TOO_LONG = "too long"  # more tokens than max_length: never truncated, it would cut image tokens or the answer
     NOTHING_TO_LEARN = "nothing to learn"  # every label masked
     INVALID_RECORD = "invalid record"  # a record of the wrong shape: not an object, a missing key, unpaired rows
-    OTHER = "other"
 
 
 class DataError(ValueError):
     """A sample that cannot be used: the message names its origin (`file:line` or `dataset[index]`) and says what
-    to do; `reason` sorts it for the drop counts (None: read from the message, see `drop_reason`)."""
+    to do; `reason` sorts it for the drop counts."""
 
-    def __init__(self, message: str, reason: DataErrorReason | str | None = None):
+    def __init__(self, message: str, reason: DataErrorReason | str):
         super().__init__(message)
-        self.reason = None if reason is None else DataErrorReason(reason)
+        self.reason = DataErrorReason(reason)
+
+    def __reduce__(self):  # `args` holds the message only: without this a copy or pickle would lose the reason
+        return type(self), (str(self), self.reason)
 
 
-# Message texts of errors raised without a `reason`, in the order they are tried.
-_LEGACY_MESSAGES = (
-    ("does not exist", DataErrorReason.MISSING_IMAGE),
-    ("not a readable image", DataErrorReason.CORRUPT_IMAGE),
-    ("Could not decode", DataErrorReason.CORRUPT_IMAGE),
-    ("placeholder", DataErrorReason.PLACEHOLDER_MISMATCH),
-    ("unknown role", DataErrorReason.UNKNOWN_ROLE),
-    ("empty", DataErrorReason.EMPTY_CONVERSATION),
-    ("exceed max_length", DataErrorReason.TOO_LONG),
-    ("no assistant answer", DataErrorReason.NOTHING_TO_LEARN),
-)
-
-
-def drop_reason(error: Exception) -> str:
-    """The drop-count name of `error`: its `reason`; for an error raised without one, read from its message."""
-    reason = getattr(error, "reason", None)
-    if reason is None:
-        text = str(error).split(": ", 1)[-1]  # after the origin: a path must not decide the reason
-        reason = next((known for key, known in _LEGACY_MESSAGES if key in text), DataErrorReason.OTHER)
-    return reason.value
+def drop_reason(error: DataError) -> str:
+    """The name `error` is counted under in the drop counts (`SFTDataset.dropped`, `plan_pairs`, ...)."""
+    return error.reason.value

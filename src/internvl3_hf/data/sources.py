@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
+from .errors import DataError, DataErrorReason
 
 OFFICIAL_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """A sample that cannot be used; the message names its origin (`file:line` or `dataset[index]`)."""
 
 
 @dataclass
@@ -50,13 +47,14 @@ def official_record_to_sample(
     """One official JSONL line (`image` str|list, `video`, `conversations` of human/gpt/system turns)."""
     conversations = record.get("conversations")
     if not conversations:
-        raise DataError(f"{origin}: empty or missing 'conversations'.")
+        raise DataError(f"{origin}: empty or missing 'conversations'.", DataErrorReason.EMPTY_CONVERSATION)
     messages = []
     for turn in conversations:
         role = OFFICIAL_ROLES.get(turn.get("from"))
         if role is None:
             raise DataError(
-                f"{origin}: unknown role {turn.get('from')!r}; official turns are 'system', 'human' and 'gpt'."
+                f"{origin}: unknown role {turn.get('from')!r}; official turns are 'system', 'human' and 'gpt'.",
+                DataErrorReason.UNKNOWN_ROLE,
             )
         messages.append({"role": role, "content": str(turn.get("value", ""))})
     images = record.get("image") or []
@@ -81,11 +79,12 @@ def resolve_video(path: Path, origin: str, num_frames: int = 8) -> list[Path]:
     if not path.is_dir():
         raise DataError(
             f"{origin}: video {path} is not a directory of frames; decode videos to frame images first "
-            "(one file per frame, sorted by name)."
+            "(one file per frame, sorted by name).",
+            DataErrorReason.UNREADABLE_VIDEO,
         )
     frames = sorted(p for p in path.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
     if not frames:
-        raise DataError(f"{origin}: video directory {path} holds no frame images.")
+        raise DataError(f"{origin}: video directory {path} holds no frame images.", DataErrorReason.UNREADABLE_VIDEO)
     segment = len(frames) / min(num_frames, len(frames))
     return [frames[int(segment / 2 + round(segment * index))] for index in range(min(num_frames, len(frames)))]
 
@@ -94,7 +93,7 @@ def add_missing_placeholders(sample: Sample) -> None:
     """Official rule: without any `<image>`/`<video>` placeholder, they are prepended to the first user turn."""
     user_turns = [message for message in sample.messages if message["role"] == "user"]
     if not user_turns:
-        raise DataError(f"{sample.origin}: no user turn.")
+        raise DataError(f"{sample.origin}: no user turn.", DataErrorReason.NO_USER_TURN)
     text = "".join(message["content"] for message in user_turns)
     prefix = ""
     if sample.images and IMAGE_PLACEHOLDER not in text:
@@ -136,7 +135,7 @@ def read_meta(
     for name, entry in meta.items():
         for key in ("root", "annotation"):
             if key not in entry:
-                raise DataError(f"{meta_path}: dataset {name!r} has no {key!r}.")
+                raise DataError(f"{meta_path}: dataset {name!r} has no {key!r}.", DataErrorReason.INVALID_RECORD)
         annotation, root = (Path(entry[key]) for key in ("annotation", "root"))
         annotation = annotation if annotation.is_absolute() else meta_path.parent / annotation
         root = root if root.is_absolute() else meta_path.parent / root
@@ -171,10 +170,13 @@ def samples_from_hf_dataset(dataset: Iterable[dict], name: str = "dataset", data
         try:
             messages = row.get("messages")
             if not messages:
-                raise DataError(f"{origin}: empty or missing 'messages'.")
+                raise DataError(f"{origin}: empty or missing 'messages'.", DataErrorReason.EMPTY_CONVERSATION)
             for message in messages:
                 if message.get("role") not in ("system", "user", "assistant"):
-                    raise DataError(f"{origin}: unknown role {message.get('role')!r}; use system, user or assistant.")
+                    raise DataError(
+                        f"{origin}: unknown role {message.get('role')!r}; use system, user or assistant.",
+                        DataErrorReason.UNKNOWN_ROLE,
+                    )
             samples.append(
                 Sample(
                     messages=[dict(message) for message in messages],

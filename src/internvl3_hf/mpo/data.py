@@ -27,10 +27,9 @@ from typing import Any
 import PIL.Image
 import torch
 
-from ..data.dataset import _reason as drop_reason
 from ..data.encoding import IGNORE_INDEX, EncodedSample, SupervisedEncoder
+from ..data.errors import DataError, DataErrorReason, drop_reason
 from ..data.sources import (
-    DataError,
     Sample,
     Source,
     add_missing_placeholders,
@@ -95,7 +94,10 @@ def _message_text(content: Any, origin: str, image_counter: list[int], num_image
         elif kind == "video":
             text += video_prompt()
         else:
-            raise DataError(f"{origin}: unsupported message part {part!r}; use text, image or video parts.")
+            raise DataError(
+                f"{origin}: unsupported message part {part!r}; use text, image or video parts.",
+                DataErrorReason.UNSUPPORTED_CONTENT,
+            )
     return text
 
 
@@ -112,36 +114,48 @@ def _count_image_parts(messages: list) -> int:
 def _prompt_messages(prompt: Any, origin: str) -> list[dict]:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise DataError(f"{origin}: empty prompt.")
+            raise DataError(f"{origin}: empty prompt.", DataErrorReason.EMPTY_CONVERSATION)
         return [{"role": "user", "content": prompt}]
     if not prompt:
-        raise DataError(f"{origin}: empty or missing prompt.")
+        raise DataError(f"{origin}: empty or missing prompt.", DataErrorReason.EMPTY_CONVERSATION)
     num_images, counter = _count_image_parts(prompt), [0]
     messages = []
     for message in prompt:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise DataError(f"{origin}: unknown role {role!r}; use system, user or assistant.")
+            raise DataError(
+                f"{origin}: unknown role {role!r}; use system, user or assistant.", DataErrorReason.UNKNOWN_ROLE
+            )
         messages.append({"role": role, "content": _message_text(message.get("content"), origin, counter, num_images)})
     if messages[-1]["role"] != "user":
-        raise DataError(f"{origin}: the prompt must end with a user turn, not {messages[-1]['role']!r}.")
+        raise DataError(
+            f"{origin}: the prompt must end with a user turn, not {messages[-1]['role']!r}.",
+            DataErrorReason.NO_USER_TURN,
+        )
     return messages
 
 
 def _answer_text(answer: Any, origin: str, name: str) -> str:
     if isinstance(answer, list):
         if len(answer) != 1 or not isinstance(answer[0], dict) or answer[0].get("role") != "assistant":
-            raise DataError(f"{origin}: {name!r} must be a string or a single assistant message.")
+            raise DataError(
+                f"{origin}: {name!r} must be a string or a single assistant message.", DataErrorReason.INVALID_RECORD
+            )
         answer = answer[0].get("content")
         if not isinstance(answer, str):
             parts = answer or []
             if any(not isinstance(part, dict) or part.get("type") != "text" for part in parts):
-                raise DataError(f"{origin}: the {name!r} answer may hold text only.")
+                raise DataError(
+                    f"{origin}: the {name!r} answer may hold text only.", DataErrorReason.UNSUPPORTED_CONTENT
+                )
             answer = "".join(part.get("text") or "" for part in parts)
     if not isinstance(answer, str) or not answer:
-        raise DataError(f"{origin}: empty or missing {name!r} answer.")
+        raise DataError(f"{origin}: empty or missing {name!r} answer.", DataErrorReason.EMPTY_CONVERSATION)
     if IMAGE_PLACEHOLDER in answer or VIDEO_PLACEHOLDER in answer:
-        raise DataError(f"{origin}: the {name!r} answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder.")
+        raise DataError(
+            f"{origin}: the {name!r} answer holds an {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder.",
+            DataErrorReason.PLACEHOLDER_MISMATCH,
+        )
     return answer
 
 
@@ -161,7 +175,9 @@ def pair_from_row(row: dict, origin: str = "?", root: Path | None = None) -> Pre
     elif "question" in row:
         prompt = _prompt_messages(str(row.get("question") or ""), origin)
     else:
-        raise DataError(f"{origin}: no 'prompt' (TRL layout) or 'question' (official layout).")
+        raise DataError(
+            f"{origin}: no 'prompt' (TRL layout) or 'question' (official layout).", DataErrorReason.INVALID_RECORD
+        )
     images = row.get("images")
     if images is None:
         images = row.get("image")
@@ -197,7 +213,7 @@ def read_preference_jsonl(
 
     def convert(record: Any, origin: str) -> PreferencePair:
         if not isinstance(record, dict):
-            raise DataError(f"{origin}: a line must be a JSON object.")
+            raise DataError(f"{origin}: a line must be a JSON object.", DataErrorReason.INVALID_RECORD)
         record = {**record, "data_augment": data_augment, "max_dynamic_patch": max_dynamic_patch}
         record.pop("origin", None)
         return pair_from_row(record, origin, Path(root))
@@ -269,10 +285,15 @@ class PreferenceEncoder:
         chosen = self.encoder.encode(chosen_sample, with_pixels=with_pixels)
         rejected = self.encoder.encode(rejected_sample, with_pixels=False)
         if chosen.image_num_patches != rejected.image_num_patches:  # same images, same budget: cannot happen
-            raise DataError(f"{pair.origin}: chosen and rejected tile the images differently.")
+            raise DataError(
+                f"{pair.origin}: chosen and rejected tile the images differently.", DataErrorReason.INVALID_RECORD
+            )
         start = _answer_start(chosen)
         if start != _answer_start(rejected) or chosen.input_ids[:start] != rejected.input_ids[:start]:
-            raise DataError(f"{pair.origin}: the chosen and rejected rows do not share their prompt tokens.")
+            raise DataError(
+                f"{pair.origin}: the chosen and rejected rows do not share their prompt tokens.",
+                DataErrorReason.INVALID_RECORD,
+            )
         return EncodedPair(chosen, rejected, pair.origin)
 
 
