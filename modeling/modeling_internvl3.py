@@ -589,8 +589,8 @@ class InternVL3ForConditionalGeneration(
         )
 
     # V2PE in `generate`: the prompt's rotary positions are computed once and travel in `model_kwargs` as
-    # `rope_position_ids`, beside transformers' integer `position_ids`, advancing by 1 per new token (as Qwen2-VL's
-    # M-RoPE positions do); the cache holds no state.
+    # `rope_position_ids`, beside transformers' integer `position_ids`; each step takes its tokens' positions from
+    # them, generated tokens continuing at +1 (as Qwen2-VL's M-RoPE positions do). The cache holds no state.
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """transformers' integer positions; under V2PE also the prompt's `rope_position_ids` in `model_kwargs`."""
         position_ids = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
@@ -654,16 +654,15 @@ class InternVL3ForConditionalGeneration(
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        rope_position_ids = model_kwargs.pop("rope_position_ids", None)
-        if rope_position_ids is not None and rope_position_ids.is_floating_point():
-            length = rope_position_ids.shape[-1] + num_new_tokens
-            model_kwargs["rope_position_ids"] = _continue_positions(rope_position_ids, length)
+        rope_position_ids = model_kwargs.get("rope_position_ids")
+        if rope_position_ids is not None and not rope_position_ids.is_floating_point():
+            del model_kwargs["rope_position_ids"]  # ordinary positions: decoding runs transformers' own path
         return model_kwargs
 
 
 def _continue_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
     """`positions` `(batch, n)` continued to `length` by text tokens (+1 each), as generate continues
-    `position_ids` (also for the tokens assisted decoding proposes ahead of those it has kept)."""
+    `position_ids`: the generated tokens, and those assisted decoding proposes."""
     missing = length - positions.shape[-1]
     if missing <= 0:
         return positions
