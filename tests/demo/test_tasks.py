@@ -31,12 +31,50 @@ def test_every_kind_is_asked_and_answers_are_consistent_with_the_scene():
             assert len(scene.shapes) == 1 and question.answer == scene.shapes[0].colour
         elif question.kind == "position":
             assert question.answer == scene.shapes[0].position
-        elif question.kind == "sum":
-            (a, b), (count_a, count_b) = question.facts["colours"], question.facts["counts"]
-            assert (scene.count(a), scene.count(b)) == (count_a, count_b)
-            assert int(question.answer) == count_a + count_b
-            assert tasks.is_correct(question, question.solution)
-            assert len(split_steps(question.solution)) == 4  # blank-line steps, as VisualPRM splits them
+
+
+@pytest.mark.parametrize(
+    ("template", "answer"),
+    [("plus", lambda a, b: a + b), ("twice", lambda a, b: 2 * a + b), ("minus", lambda a, b, c: a + b - c)],
+)
+def test_reasoning_answers_follow_from_the_counts_in_steps_a_critic_can_check(template, answer):
+    questions = [q for q in tasks.reasoning_questions(90, seed=1) if q.template == template]
+    assert len(questions) == 30  # the templates in turn
+    for question in questions:
+        colours, counts = question.facts["colours"], question.facts["counts"]
+        assert [question.scene.count(colour) for colour in colours] == list(counts)
+        assert all(colour in question.question for colour in colours)
+        assert int(question.answer) == answer(*counts) >= 0
+        steps = split_steps(question.solution)
+        assert len(steps) == len(counts) + len(tasks.TEMPLATES[template][2]) + 1  # counts, operations, answer
+        assert steps[-1] == f"Answer: {question.answer}"
+        for step in steps[len(counts) : -1]:  # every operation is right on its own: "a op b = c."
+            left, result = step.removesuffix(".").split(" = ")
+            a, op, b = left.split()
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    if template == "minus":  # the second colour is present, so the slip (first count, not the sum) changes the answer
+        assert all(q.facts["counts"][1] > 0 and q.facts["counts"][2] <= q.facts["counts"][0] for q in questions)
+
+
+def test_the_annotator_slips_at_its_rate_in_minus_questions_only():
+    rng = random.Random(0)
+    questions = tasks.reasoning_questions(900, seed=2)
+    slipped = {template: 0 for template in tasks.REASONING_TEMPLATES}
+    for question in questions:
+        solution = tasks.annotated_solution(question, rng)
+        if solution == question.solution:
+            continue
+        slipped[question.template] += 1
+        a, b, c = question.facts["counts"]
+        steps = split_steps(solution)
+        # the perception steps and the addition are right; the subtraction copies the first count, not the sum
+        assert steps[:4] == split_steps(question.solution)[:4]
+        assert steps[4:] == [f"{a} - {c} = {a - c}.", f"Answer: {a - c}"]
+        assert not tasks.is_correct(question, solution)
+        assert tasks.label_response(question, solution)[1] == ["+"] * 4 + ["-"] * 2
+    assert slipped["plus"] == slipped["twice"] == 0
+    assert abs(slipped["minus"] / 300 - tasks.SLIP_RATE) < 0.07
+    assert all(tasks.annotated_solution(q, rng, slip_rate=0.0) == q.solution for q in questions)
 
 
 def test_colour_counts_mostly_ask_a_colour_the_scene_holds():
@@ -46,7 +84,7 @@ def test_colour_counts_mostly_ask_a_colour_the_scene_holds():
     asked = [q.question.split()[2] for q in questions]
     assert all(int(q.answer) == q.scene.count(colour) for q, colour in zip(questions, asked))
     present = sum(q.scene.count(colour) > 0 for q, colour in zip(questions, asked)) / len(questions)
-    assert 0.8 <= present < 1  # as `sum` asks (absent colours too, so that "0" stays an answer)
+    assert 0.8 <= present < 1  # as reasoning asks (absent colours too, so that "0" stays an answer)
 
 
 @pytest.mark.parametrize(
@@ -65,25 +103,27 @@ def test_final_answer(response, expected):
 
 def test_corrupted_solutions_are_labelled_minus_from_the_first_wrong_step():
     rng = random.Random(0)
-    questions = [q for q in tasks.visual_questions(200, seed=2) if q.kind == "sum"]
+    questions = tasks.reasoning_questions(300, seed=2)
     seen_errors, wrong_colours = set(), 0
     for question in questions:
         steps, labels = tasks.corrupted_solution(question, rng)
-        assert len(steps) == len(labels) == 4
-        right = tasks.is_correct(question, tasks.STEP_SEPARATOR.join(steps))
-        assert right == (labels[-1] == "+")
+        reference = question.solution.split(tasks.STEP_SEPARATOR)
+        assert len(steps) == len(labels) == len(reference)
         if "-" in labels:
             first = labels.index("-")
-            assert labels == ["+"] * first + ["-"] * (4 - first)
-            seen_errors.add(first)
+            assert labels == ["+"] * first + ["-"] * (len(steps) - first)
+            assert steps[:first] == reference[:first] and steps[first] != reference[first]
+            seen_errors.add((question.template, first))
         else:
-            assert steps == question.solution.split(tasks.STEP_SEPARATOR)
-        colour_b = question.facts["colours"][1]
-        named, count = steps[1].removesuffix(".").split(" shapes: ")
-        if named.lower() != colour_b:  # the second step counted another colour: rightly, but not the one asked
-            wrong_colours += 1
-            assert labels[1] == "-" and int(count) == question.scene.count(named.lower())
-    assert seen_errors == {0, 1, 2, 3}
+            assert steps == reference
+        for index, colour in enumerate(question.facts["colours"]):
+            named, count = steps[index].removesuffix(".").split(" shapes: ")
+            if named.lower() != colour:  # a step counted another colour: rightly, but not the one asked
+                wrong_colours += 1
+                assert labels[index] == "-" and int(count) == question.scene.count(named.lower())
+    # every step of every template is sometimes the first wrong one
+    for template, (_, colours, operations) in tasks.TEMPLATES.items():
+        assert {first for t, first in seen_errors if t == template} == set(range(colours + len(operations) + 1))
     assert wrong_colours > 0
 
 
@@ -95,7 +135,7 @@ def test_chance_accuracy_is_the_mean_of_one_over_the_answer_space():
 
 
 def test_rollouts_are_labelled_plus_until_the_first_step_that_leaves_the_reference():
-    question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    question = next(q for q in tasks.visual_questions(20, seed=4) if q.template == "plus")
     steps = question.solution.split(tasks.STEP_SEPARATOR)
     assert tasks.label_response(question, question.solution) == (steps, ["+"] * 4)
     wrong_count = tasks.STEP_SEPARATOR.join([steps[0].replace(": ", ": 7"), *steps[1:]])
@@ -112,7 +152,7 @@ def test_rollouts_are_labelled_plus_until_the_first_step_that_leaves_the_referen
 def test_critic_pairs_put_a_sound_solution_against_a_flawed_one():
     from internvl3_hf.demo.recipe import critic_pairs
 
-    rollout_question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    rollout_question = next(q for q in tasks.visual_questions(20, seed=4) if q.template == "plus")
     steps = rollout_question.solution.split(tasks.STEP_SEPARATOR)
     wrong_final = tasks.STEP_SEPARATOR.join([*steps[:3], "Answer: 11"])
     rollouts = [(rollout_question, [wrong_final, rollout_question.solution, ""])]  # "" (empty answer) is skipped
@@ -140,7 +180,7 @@ def test_flawed_examples_always_hold_a_wrong_step():
 def test_mpo_pairs_put_a_sound_answer_against_an_unsound_one_even_when_it_is_right_by_luck():
     from internvl3_hf.demo.recipe import mpo_pairs
 
-    question = next(q for q in tasks.visual_questions(20, seed=4) if q.kind == "sum")
+    question = next(q for q in tasks.visual_questions(20, seed=4) if q.template == "plus")
     (colour_a, _), (a, b) = question.facts["colours"], question.facts["counts"]
     steps = question.solution.split(tasks.STEP_SEPARATOR)
     lucky = tasks.STEP_SEPARATOR.join(  # a wrong count, then a wrong sum that lands on the right answer

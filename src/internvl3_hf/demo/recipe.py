@@ -1,10 +1,11 @@
 """The whole InternVL3 recipe on a laptop: native pre-training → SFT → MPO → Best-of-N, on synthetic visual QA,
-from a pre-trained ViT as in the paper (`vision.pretrain_vision_encoder`, through `transformers.Trainer`).
+from a pre-trained ViT as in the paper (`vision.pretrain_vision_encoder`).
 
-Every stage goes through the plugin's public APIs: `SFTDataset`/`SFTCollator`/`InternVL3Trainer` (pre-training
-and SFT), `MPOTrainer`/`MPOConfig` (MPO and the critic), `generate_candidates` (sampling), `ImplicitPRM` and
-`best_of_n` (Best-of-N). After each stage the policy answers the same held-out questions greedily; the table and
-the PNG show how each stage moves the accuracy.
+Every stage is a recipe under `recipes/demo/` built by the builders users call: `internvl3_hf.train.build_trainer`
+(pre-training, SFT) and `build_mpo_trainer` (MPO, the critic), given the demo's model, processor and data from
+Python; sampling, the critic and Best-of-N go through `generate_candidates`, `ImplicitPRM` and `best_of_n`. After
+each stage the policy answers the same held-out questions greedily; the table shows each stage's accuracy with a
+95 % interval and its paired difference to the stage before.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import random
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from ..best_of_n import ImplicitPRM, best_of_n, generate_candidates, select_best
-from ..data import Sample, SFTCollator, SFTDataset, SupervisedEncoder
-from ..processing import processor_for_config
-from ..sft import InternVL3Trainer
+from ..data import Sample
+from ..modeling.processing_internvl3 import processor_for_config
+from ..recipes import load_recipe
+from ..train import build_mpo_trainer, build_trainer
 from . import tasks
 from .model import build_demo_model, build_demo_tokenizer, demo_config
 from .tasks import Question
@@ -38,96 +40,135 @@ from .vision import pretrain_vision_encoder
 
 logger = logging.getLogger(__name__)
 
-KIND_COLUMNS = (*tasks.KINDS, "text")
-MAX_NEW_TOKENS = {"sum": 40, "text": 20}  # other kinds answer in a few tokens
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "demo"  # the stage recipes, in the source tree
+GROUPS = (*tasks.PERCEPTION_KINDS, *tasks.REASONING_TEMPLATES, "text")  # how the held-out results are kept
+MAX_NEW_TOKENS = {tasks.REASONING: 64, "text": 20}  # other kinds answer in a few tokens
 SHORT_ANSWER_TOKENS = 8
 BON_TEMPERATURE = 0.7  # diverse candidates that are still mostly sensible
+MPO_SAMPLE_TEMPERATURE = 1.0  # the policy's own distribution: where its greedy answer slips, some samples do not
 
 
 # --------------------------------------------------------------------------------------------------- sizes
 @dataclass(frozen=True)
 class RecipeSize:
-    """How much data and how many optimizer steps each stage gets."""
+    """How much data each stage gets and how many questions are held out; `overrides` change the stage recipes
+    (`recipes/demo/<stage>.yaml`, dotted keys as `internvl3-hf train --set`)."""
 
     vision_scenes: int  # scenes the ViT is pre-trained on before the recipe (`vision.pretrain_vision_encoder`)
     vision_steps: int
     pretrain_scenes: int
     pretrain_text: int
-    pretrain_steps: int
     sft_samples: int
-    sft_steps: int
     mpo_questions: int
     mpo_samples: int  # N answers sampled per question to build the pairs
-    mpo_steps: int
     critic_pairs: int  # generator questions with a flawed solution (plus the policy's own sound/unsound pairs)
-    critic_steps: int
-    eval_per_kind: int  # held-out questions per visual kind
+    eval_reasoning: int  # held-out reasoning questions (the templates in turn)
+    eval_per_perception_kind: int
     eval_text: int
     bon_n: int
-    packed_tokens: int = 512  # tokens per packed row (pre-training, SFT): fewer means more optimizer steps
-    pretrain_learning_rate: float = 1e-3
-    sft_learning_rate: float = 5e-4  # half the pre-training rate: SFT adds the step format without unlearning position
-    mpo_learning_rate: float = 1e-4
+    sft_text_share: float = 0.3  # text-only share of the SFT mix: keeps the text ability pre-training gave
     mpo_pairs_per_question: int = 3
-    critic_learning_rate: float = 5e-4
     hidden_size: int = 128
     layers: int = 4
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 SIZES = {
     "default": RecipeSize(
-        vision_scenes=4000, vision_steps=300, pretrain_scenes=10000, pretrain_text=2000, pretrain_steps=1200,
-        sft_samples=3000, sft_steps=400,
-        mpo_questions=300, mpo_samples=8, mpo_steps=60, critic_pairs=3000, critic_steps=300,
-        eval_per_kind=60, eval_text=60, bon_n=8,
+        vision_scenes=4000, vision_steps=300, pretrain_scenes=10000, pretrain_text=2000, sft_samples=3000,
+        mpo_questions=400, mpo_samples=8, critic_pairs=3000,
+        eval_reasoning=300, eval_per_perception_kind=30, eval_text=150, bon_n=8,
     ),
     "fast": RecipeSize(
-        vision_scenes=2000, vision_steps=150, pretrain_scenes=3200, pretrain_text=600, pretrain_steps=600,
-        sft_samples=900, sft_steps=250,
-        mpo_questions=80, mpo_samples=4, mpo_steps=10, critic_pairs=400, critic_steps=30,
-        eval_per_kind=24, eval_text=24, bon_n=4, packed_tokens=256, hidden_size=96, layers=3,
-        sft_learning_rate=1e-3,  # the smaller, shorter run needs the full rate (at 5e-4 SFT fell below pre-training)
+        vision_scenes=2000, vision_steps=150, pretrain_scenes=3200, pretrain_text=600, sft_samples=900,
+        mpo_questions=120, mpo_samples=4, critic_pairs=400,
+        eval_reasoning=120, eval_per_perception_kind=12, eval_text=48, bon_n=4, hidden_size=96, layers=3,
+        overrides={
+            "pretrain": ("training.max_steps=600", "training.warmup_steps=30", "data.max_packed_tokens=256",
+                         "data.max_length=256"),
+            # the smaller, shorter run needs the full rate (at 5e-4 SFT fell below pre-training)
+            "sft": ("training.max_steps=250", "training.warmup_steps=12", "training.learning_rate=1e-3",
+                    "data.max_packed_tokens=256", "data.max_length=256"),
+            "mpo": ("training.max_steps=20",),
+            "critic": ("training.max_steps=30", "training.warmup_steps=2"),
+        },
     ),
 }
+
+
+def stage_recipe(stage: str, size: RecipeSize, seed: int, output_dir: Path) -> dict:
+    """`recipes/demo/<stage>.yaml` with the demo's seed, output folder and size overrides."""
+    path = RECIPES / f"{stage}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the demo reads its stage recipes from the source tree's "
+                                f"recipes/demo/ (install the package from a clone: pip install -e .).")
+    seeds = (f"training.seed={seed}", f"training.data_seed={seed}", f"training.output_dir={output_dir / stage}")
+    recipe = load_recipe(path, (*seeds, *size.overrides.get(stage, ())))
+    if "max_packed_tokens" in recipe.get("data", {}):  # SFT recipes: the tiling / augmentation seed too
+        recipe["data"]["seed"] = seed
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------------- reproducibility
+THREADS = 2  # intra-op threads: CPU reductions split by thread, so their float sums depend on the count
+# The kernels' instruction set: AVX-512 and AVX2 kernels round differently, so two machines of the same kind with
+# different CPUs would train different models. These are read when torch, MKL and oneDNN first dispatch.
+KERNEL_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@contextmanager
+def reproducible(seed: int) -> Iterator[str]:
+    """Fix what the demo's numbers depend on for the run (the thread count restored afterwards): the thread count,
+    the kernels' instruction set (where torch has not run a kernel yet in this process) and the seed; yields a line
+    saying what is in effect. `torch.use_deterministic_algorithms` is left off: the demo's CPU kernels give the same
+    bits run after run at a fixed thread count, and the flag made the ViT's training 5 times slower."""
+    for name, value in KERNEL_ISA.items():
+        os.environ.setdefault(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    try:
+        yield (f"reproducibility: seed {seed}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+               f"{torch.backends.cpu.get_cpu_capability()} kernels (MKL_CBWR={os.environ['MKL_CBWR']}, "
+               f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']})")
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------- results
 @dataclass
 class StageResult:
+    """One stage's greedy answers to the held-out questions: correctness per group (`GROUPS`), in question order."""
+
     name: str
-    visual: dict[str, list[bool]]  # kind -> correctness of each held-out question
-    text: list[bool]
+    groups: dict[str, list[bool]]
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
 
-    @property
-    def visual_correct(self) -> int:
-        return sum(sum(values) for values in self.visual.values())
+    def correct(self, *groups: str) -> list[bool]:
+        """Correctness over `groups`, concatenated in that order (the same questions in every stage: pairable)."""
+        return [ok for group in groups for ok in self.groups.get(group, [])]
 
     @property
-    def visual_total(self) -> int:
-        return sum(len(values) for values in self.visual.values())
+    def reasoning(self) -> list[bool]:
+        return self.correct(*tasks.REASONING_TEMPLATES)
 
     @property
-    def visual_accuracy(self) -> float:
-        return self.visual_correct / max(1, self.visual_total)
+    def perception(self) -> list[bool]:
+        return self.correct(*tasks.PERCEPTION_KINDS)
 
     @property
-    def text_accuracy(self) -> float:
-        return sum(self.text) / max(1, len(self.text))
-
-    def kind_accuracy(self, kind: str) -> tuple[int, int]:
-        values = self.text if kind == "text" else self.visual.get(kind, [])
-        return sum(values), len(values)
+    def text(self) -> list[bool]:
+        return self.correct("text")
 
 
 @dataclass
 class RecipeReport:
     stages: list[StageResult]
     chance: float
-    majority_baseline: float
     seconds: float
     output_dir: Path
+    settings: str = ""
     png: Path | None = None
     answer: str = ""
     extra: dict = field(default_factory=dict)
@@ -141,7 +182,10 @@ def _image_prompt(question: str) -> str:
     return f"<image>\n{question}"
 
 
-def pretraining_samples(scenes: int, texts: int, seed: int, caption_share: float = 0.1, kinds=("colour", "shape", "count", "position", "colour_count")) -> list[Sample]:
+PRETRAINING_KINDS = (*tasks.PERCEPTION_KINDS, "colour_count")
+
+
+def pretraining_samples(scenes: int, texts: int, seed: int, caption_share: float = 0.1) -> list[Sample]:
     """The native pre-training mix: short-answer questions about scenes (colour, shape, count, position, count of
     one colour), scene captions, and text-only arithmetic facts; one conversation each.
 
@@ -155,7 +199,7 @@ def pretraining_samples(scenes: int, texts: int, seed: int, caption_share: float
             scene = tasks.random_scene(rng, rng.randrange(2**31))
             question = Question("caption", "Describe the image.", scene.caption(), scene.caption(), scene)
         else:
-            kind = rng.choice(kinds)
+            kind = rng.choice(PRETRAINING_KINDS)
             question = None
             while question is None:
                 single = kind in tasks.SINGLE_OBJECT_KINDS
@@ -180,13 +224,33 @@ def question_sample(question: Question, answer: str | None = None, origin: str =
     return Sample(messages=[{"role": "user", "content": question.question}, {"role": "assistant", "content": answer}], origin=origin)
 
 
-def sft_samples(count: int, seed: int) -> list[Sample]:
-    """Instruction data: one question per conversation, every kind, `sum` and text answered step by step."""
-    visual = tasks.visual_questions(int(count * 0.85), seed, kinds=(*tasks.KINDS, "sum"))
-    text = tasks.text_questions(count - len(visual), seed + 1, style="steps")
-    questions = visual + text
-    random.Random(seed).shuffle(questions)
-    return [question_sample(question, origin=f"sft[{index}]") for index, question in enumerate(questions)]
+SFT_KINDS = (*tasks.PERCEPTION_KINDS, "colour_count", tasks.REASONING, tasks.REASONING, tasks.REASONING)
+
+
+def sft_samples(count: int, seed: int, text_share: float, slip_rate: float = tasks.SLIP_RATE) -> tuple[list[Sample], dict]:
+    """Instruction data: one question per conversation, every visual kind (half of them reasoning, answered step
+    by step as the imperfect annotator wrote it: `tasks.annotated_solution`) and `text_share` text-only arithmetic
+    answered step by step. Returns the samples and how many reasoning solutions slip."""
+    rng = random.Random(seed)
+    visual = tasks.visual_questions(round(count * (1 - text_share)), seed, kinds=SFT_KINDS)
+    questions = visual + tasks.text_questions(count - len(visual), seed + 1, style="steps")
+    rng.shuffle(questions)
+    samples, stats = [], {"reasoning": 0, "slipped": 0}
+    for index, question in enumerate(questions):
+        answer = tasks.annotated_solution(question, rng, slip_rate) if question.kind == tasks.REASONING else None
+        if question.kind == tasks.REASONING:
+            stats["reasoning"] += 1
+            stats["slipped"] += answer != question.solution
+        samples.append(question_sample(question, answer, origin=f"sft[{index}]"))
+    return samples, stats
+
+
+def mixed_questions(count: int, seed: int, reasoning_share: float, text_share: float) -> list[Question]:
+    """Training-split questions for sampling: reasoning, perception and text-only in the given shares."""
+    reasoning = tasks.reasoning_questions(round(count * reasoning_share), seed)
+    text = tasks.text_questions(round(count * text_share), seed + 1)
+    perception = tasks.visual_questions(count - len(reasoning) - len(text), seed + 2, kinds=tasks.PERCEPTION_KINDS)
+    return reasoning + perception + text
 
 
 def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[str]]] = ()) -> list:
@@ -196,8 +260,7 @@ def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[
     by `tasks.label_response`) each sound answer against an unsound one, so that the critic also sees the
     mistakes the policy really makes."""
     rng = random.Random(seed)
-    visual = tasks.visual_questions(int(count * 0.8), seed, kinds=(*tasks.KINDS, "sum", "sum"))
-    questions = visual + tasks.text_questions(count - len(visual), seed + 1)
+    questions = mixed_questions(count, seed, reasoning_share=0.6, text_share=0.2)
     pairs = [
         preference_pair(question, question.solution, tasks.STEP_SEPARATOR.join(tasks.flawed_example(question, rng)[0]),
                         f"critic[{index}]")
@@ -211,9 +274,16 @@ def critic_pairs(count: int, seed: int, rollouts: Sequence[tuple[Question, list[
     return pairs
 
 
-def held_out_questions(size: RecipeSize, seed: int) -> tuple[list[Question], list[Question]]:
-    visual = tasks.visual_questions(size.eval_per_kind * len(tasks.KINDS), seed)
-    return visual, tasks.text_questions(size.eval_text, seed + 1)
+def held_out_questions(size: RecipeSize, seed: int) -> list[Question]:
+    """The held-out questions every stage answers: perception, reasoning (the templates in turn), text-only."""
+    perception = tasks.visual_questions(size.eval_per_perception_kind * len(tasks.PERCEPTION_KINDS), seed,
+                                        kinds=tasks.PERCEPTION_KINDS)
+    return perception + tasks.reasoning_questions(size.eval_reasoning, seed + 1) + tasks.text_questions(size.eval_text, seed + 2)
+
+
+def group_of(question: Question) -> str:
+    """Where a question's result is kept: its reasoning template, or its kind."""
+    return question.template
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -247,94 +317,18 @@ def _quiet(trainer, progress: _StageProgress):
     trainer.add_callback(progress)
 
 
-def _training_arguments(output_dir: Path, steps: int, learning_rate: float, batch_size: int, seed: int, **extra) -> dict:
-    return dict(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        per_device_train_batch_size=batch_size,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        **extra,
-    )
-
-
-VISION_LR_SCALE = 0.03  # the ViT learns this much slower than the LLM and the projector (see `optimizer`)
-
-
-def optimizer(model, learning_rate: float, vision_lr_scale: float = VISION_LR_SCALE) -> torch.optim.Optimizer:
-    """AdamW with the vision tower at `vision_lr_scale` × the learning rate of the LLM and the projector.
-
-    At one shared rate, Adam moves the randomly initialised ViT so fast that the image features drift from step to
-    step and the LLM never learns to read them (the loss stalls at chance on every visual question). A slow ViT
-    under a fast projector is what the stage-1 "MLP warm-up" of LLaVA-style recipes does (there the ViT is
-    frozen); slowing the projector too costs colour and count accuracy.
-    """
-    vision, language = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (vision if "vision_tower" in name else language).append(parameter)
-    groups = [{"params": language, "lr": learning_rate}, {"params": vision, "lr": learning_rate * vision_lr_scale}]
-    return torch.optim.AdamW([group for group in groups if group["params"]], lr=learning_rate, weight_decay=0.0)
-
-
-def train_sft(model, processor, samples: list[Sample], output_dir: Path, steps: int, learning_rate: float, seed: int,
-              description: str, max_packed_tokens: int = 512, batch_size: int = 1) -> list[tuple[int, float]]:
-    """Packed, square-weighted training with `InternVL3Trainer` (text-token loss on the answers)."""
-    encoder = SupervisedEncoder(processor, max_length=max_packed_tokens, seed=seed)
-    dataset = SFTDataset(samples, encoder, max_packed_tokens=max_packed_tokens)
-    args = TrainingArguments(**_training_arguments(output_dir, steps, learning_rate, batch_size, seed))
-    trainer = InternVL3Trainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=True),
-        processing_class=processor,
-        loss_weighting="square",
-        optimizers=(optimizer(model, learning_rate), None),
-    )
+def train_stage(trainer, description: str) -> list[tuple[int, float]]:
+    """Train a built trainer with the demo's progress bar; returns the (step, loss) curve."""
     progress = _StageProgress(description)
     _quiet(trainer, progress)
+    trainer.model.train()
     trainer.train()
-    model.eval()
-    return progress.losses
-
-
-MPO_BETA = 0.1
-
-
-def train_mpo(model, processor, pairs: list, output_dir: Path, steps: int, learning_rate: float, seed: int,
-              description: str) -> list[tuple[int, float]]:
-    """`MPOTrainer` with the paper's loss weights (w_p 0.8 DPO, w_q 0.2 BCO, w_g 1 LM on chosen) against a frozen
-    copy of `model` as the reference, and the same slowed ViT as pre-training and SFT (`optimizer`): at the full
-    rate the preference gradients drift the image features (100 steps on 600 questions: shape 56/60, against
-    60/60 with the ViT slowed)."""
-    from ..mpo import MPOConfig, MPOTrainer
-
-    args = MPOConfig(**_training_arguments(
-        output_dir, steps, learning_rate, 8, seed, beta=MPO_BETA, w_p=0.8, w_q=0.2, w_g=1.0, max_length=512,
-        bf16=False, gradient_checkpointing=False,
-    ))  # fmt: skip
-    trainer = MPOTrainer(model, args=args, train_dataset=pairs, processing_class=processor,
-                         optimizers=(optimizer(model, learning_rate), None))
-    progress = _StageProgress(description)
-    _quiet(trainer, progress)
-    trainer.train()
-    model.eval()
+    trainer.model.eval()
     return progress.losses
 
 
 # --------------------------------------------------------------------------------------------------- answering
-def _groups(questions: Sequence[Question], batch_size: int):
+def _batches(questions: Sequence[Question], batch_size: int):
     """Questions in batches of one kind (similar answer lengths, so `generate` stops early)."""
     by_kind: dict[str, list[int]] = {}
     for index, question in enumerate(questions):
@@ -352,7 +346,7 @@ def sample_answers(model, processor, questions: Sequence[Question], n: int, desc
                    **generate_kwargs) -> list[list[str]]:
     """`n` answers per question (one batched `generate` per group, `generate_candidates`)."""
     answers: list[list[str]] = [[] for _ in questions]
-    batches = list(_groups(questions, max(1, batch_size // n)))
+    batches = list(_batches(questions, max(1, batch_size // n)))
     for kind, indices in tqdm(batches, desc=description, unit="batch", dynamic_ncols=True):
         groups = generate_candidates(
             model, processor, [questions[i].question for i in indices], [_images(questions[i]) for i in indices], n,
@@ -364,19 +358,18 @@ def sample_answers(model, processor, questions: Sequence[Question], n: int, desc
     return answers
 
 
-def evaluate(model, processor, visual: Sequence[Question], text: Sequence[Question], description: str):
-    """Greedy answers to the held-out questions: correctness per visual kind, and for the text questions."""
-    questions = list(visual) + list(text)
+def by_group(questions: Sequence[Question], correct: Sequence[bool]) -> dict[str, list[bool]]:
+    """Correctness per group (`GROUPS`), in question order."""
+    groups: dict[str, list[bool]] = {group: [] for group in GROUPS}
+    for question, ok in zip(questions, correct):
+        groups[group_of(question)].append(bool(ok))
+    return groups
+
+
+def evaluate(model, processor, questions: Sequence[Question], description: str) -> dict[str, list[bool]]:
+    """Greedy answers to the held-out questions: correctness per group."""
     answers = sample_answers(model, processor, questions, 1, description, batch_size=64, do_sample=False)
-    return split_by_kind(visual, [tasks.is_correct(question, group[0]) for question, group in zip(questions, answers)])
-
-
-def split_by_kind(visual: Sequence[Question], correct: Sequence[bool]) -> tuple[dict[str, list[bool]], list[bool]]:
-    """Correctness of `visual` + text questions (in that order) as ({visual kind: [...]}, [text...])."""
-    by_kind: dict[str, list[bool]] = {kind: [] for kind in tasks.KINDS}
-    for question, ok in zip(visual, correct):
-        by_kind[question.kind].append(ok)
-    return by_kind, list(correct[len(visual) :])
+    return by_group(questions, [tasks.is_correct(question, group[0]) for question, group in zip(questions, answers)])
 
 
 def preference_pair(question: Question, chosen: str, rejected: str, origin: str):
@@ -435,46 +428,50 @@ def _log(message: str) -> None:
 def run_recipe(output_dir: str | Path = "demo_out", fast: bool = False, seed: int = 0, png: bool = True,
                chat: bool = True) -> RecipeReport:
     """Run the four stages and return the report (the table is printed, the PNG written to `output_dir`)."""
-    with _quiet_libraries():
-        return _run_stages(Path(output_dir), fast, seed, png, chat)
+    with _quiet_libraries(), reproducible(seed) as settings:
+        _log(settings)
+        return _run_stages(Path(output_dir), fast, seed, png, chat, settings)
 
 
-def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) -> RecipeReport:
+def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool, settings: str) -> RecipeReport:
     from .report import format_table, write_png
 
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     size = SIZES["fast" if fast else "default"]
-    torch.manual_seed(seed)
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer, hidden_size=size.hidden_size, layers=size.layers)
     model = build_demo_model(config, seed)
     processor = processor_for_config(tokenizer, config)
     parameters = sum(p.numel() for p in model.parameters())
-    visual_eval, text_eval = held_out_questions(size, seed * 1000 + 99)
-    chance = tasks.chance_accuracy(visual_eval)
-    majority = _majority_baseline(visual_eval)
+    held_out = held_out_questions(size, seed * 1000 + 99)
+    chance = tasks.chance_accuracy([q for q in held_out if q.kind == tasks.REASONING])
     _log(f"tiny InternVL3: {parameters / 1e6:.2f}M parameters (InternViT {config.vision_config.hidden_size}-d x "
          f"{config.vision_config.num_hidden_layers}, Qwen2 {config.text_config.hidden_size}-d x "
          f"{config.text_config.num_hidden_layers}), {len(tokenizer)}-token BPE, {config.image_seq_length} image tokens "
          f"per {config.force_image_size}-px image, V2PE {config.v2pe_mode}")
-    _log(f"held-out: {len(visual_eval)} visual questions ({', '.join(tasks.KINDS)}), {len(text_eval)} text questions; "
-         f"chance {chance:.1%}, majority answer {majority:.1%}")
+    counts = Counter(group_of(q) for q in held_out)
+    _log(f"held-out: {size.eval_reasoning} reasoning ({', '.join(f'{counts[t]} {t}' for t in tasks.REASONING_TEMPLATES)}), "
+         f"{sum(counts[k] for k in tasks.PERCEPTION_KINDS)} perception, {counts['text']} text-only questions")
     stages: list[StageResult] = []
 
     def finish(name: str, began: float, losses) -> StageResult:
-        visual, text = evaluate(model, processor, visual_eval, text_eval, f"{name}: evaluate")
-        result = StageResult(name, visual, text, time.perf_counter() - began, losses)
+        result = StageResult(name, evaluate(model, processor, held_out, f"{name}: evaluate"), 0.0, losses)
+        result.seconds = time.perf_counter() - began
         stages.append(result)
-        _log(f"{name}: held-out visual {result.visual_correct}/{result.visual_total} = {result.visual_accuracy:.1%}, "
-             f"text {sum(text)}/{len(text)} = {result.text_accuracy:.1%} ({result.seconds:.0f} s)")
+        _log(f"{name}: reasoning {sum(result.reasoning)}/{len(result.reasoning)}, perception "
+             f"{sum(result.perception)}/{len(result.perception)}, text {sum(result.text)}/{len(result.text)} "
+             f"({result.seconds:.0f} s)")
         return result
 
     # 0. the ViT starts pre-trained, as InternVL3's InternViT does (heads on its features, then dropped)
     began = time.perf_counter()
     progress = _StageProgress("0/4 vision encoder")
-    args = TrainingArguments(**_training_arguments(output_dir / "vision", size.vision_steps, 1e-3, 64, seed))
+    args = TrainingArguments(output_dir=str(output_dir / "vision"), max_steps=size.vision_steps, learning_rate=1e-3,
+                             lr_scheduler_type="cosine", warmup_steps=max(1, size.vision_steps // 20),
+                             weight_decay=0.0, per_device_train_batch_size=64, logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0)
     vision_accuracy = pretrain_vision_encoder(model, processor, args, size.vision_scenes, seed * 1000 + 11,
                                               prepare=lambda trainer: _quiet(trainer, progress))
     _log(f"vision encoder: tells what each grid cell holds in {vision_accuracy:.1%} of held-out scenes' cells "
@@ -483,53 +480,51 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     # 1. native multimodal pre-training: the mix, text-token loss, square averaging, packing, V2PE with random δ
     began = time.perf_counter()
     samples = pretraining_samples(size.pretrain_scenes, size.pretrain_text, seed * 1000 + 1)
-    model.train()
-    losses = train_sft(model, processor, samples, output_dir / "pretrain", size.pretrain_steps,
-                       size.pretrain_learning_rate, seed, "1/4 pre-training", size.packed_tokens)
-    finish("pre-training", began, losses)
+    trainer = build_trainer(stage_recipe("pretrain", size, seed, output_dir), model=model, processor=processor,
+                            samples=samples)
+    finish("pre-training", began, train_stage(trainer, "1/4 pre-training"))
 
-    # 2. SFT on instruction data (step-by-step answers for the arithmetic)
+    # 2. SFT on instruction data; the reasoning as an imperfect annotator wrote it (slips in `minus` questions)
     began = time.perf_counter()
-    samples = sft_samples(size.sft_samples, seed * 1000 + 2)
-    model.train()
-    losses = train_sft(model, processor, samples, output_dir / "sft", size.sft_steps, size.sft_learning_rate, seed,
-                       "2/4 SFT", size.packed_tokens)
-    finish("SFT", began, losses)
+    samples, slips = sft_samples(size.sft_samples, seed * 1000 + 2, size.sft_text_share)
+    _log(f"SFT data: {len(samples)} conversations, {slips['reasoning']} reasoning solutions of which "
+         f"{slips['slipped']} ({slips['slipped'] / max(1, slips['reasoning']):.0%}) hold the annotator's slip")
+    trainer = build_trainer(stage_recipe("sft", size, seed, output_dir), model=model, processor=processor,
+                            samples=samples)
+    finish("SFT", began, train_stage(trainer, "2/4 SFT"))
 
     # 3. MPO on pairs of the SFT model's own sound and unsound answers
     began = time.perf_counter()
-    mpo_questions = tasks.visual_questions(int(size.mpo_questions * 0.85), seed * 1000 + 3)
-    mpo_questions += tasks.text_questions(size.mpo_questions - len(mpo_questions), seed * 1000 + 4)
+    mpo_questions = mixed_questions(size.mpo_questions, seed * 1000 + 3, reasoning_share=0.75, text_share=0.15)
     sampled = sample_answers(model, processor, mpo_questions, size.mpo_samples, "3/4 MPO: sample answers",
-                             do_sample=True, temperature=1.0)
+                             do_sample=True, temperature=MPO_SAMPLE_TEMPERATURE)
     pairs, stats = mpo_pairs(mpo_questions, sampled, size.mpo_pairs_per_question, seed)
     _log(f"MPO pairs: {len(pairs)} from {stats['mixed']} questions with sound and unsound answers "
          f"({stats['all_sound']} all sound, {stats['none_sound']} none sound, of {stats['questions']})")
-    model.train()
-    losses = train_mpo(model, processor, pairs, output_dir / "mpo", size.mpo_steps, size.mpo_learning_rate, seed,
-                       "3/4 MPO")
-    finish("MPO", began, losses)
+    trainer = build_mpo_trainer(stage_recipe("mpo", size, seed, output_dir), model=model, processor=processor,
+                                pairs=pairs)
+    finish("MPO", began, train_stage(trainer, "3/4 MPO"))
 
     # 4. Best-of-N with an implicit PRM: a copy of the policy trained by MPO on pairs built from step labels; its
     #    step scores are the cumulative likelihood ratio to the policy (`ImplicitPRM`)
     began = time.perf_counter()
-    critic = copy.deepcopy(model)
+    critic_recipe = stage_recipe("critic", size, seed, output_dir)
     pairs = critic_pairs(size.critic_pairs, seed * 1000 + 5, list(zip(mpo_questions, sampled)))
-    critic.train()
-    critic_losses = train_mpo(critic, processor, pairs, output_dir / "critic", size.critic_steps,
-                              size.critic_learning_rate, seed, "4/4 critic (implicit PRM)")
-    prm = ImplicitPRM(critic.eval(), model, processor, beta=MPO_BETA, batch_size=16)
+    trainer = build_mpo_trainer(critic_recipe, model=copy.deepcopy(model), processor=processor, pairs=pairs)
+    critic_losses = train_stage(trainer, "4/4 critic (implicit PRM)")
+    prm = ImplicitPRM(trainer.model.eval(), model, processor, beta=critic_recipe["training"]["beta"], batch_size=16)
     auc = critic_step_auc(prm, size, seed * 1000 + 6)
     _log("critic: AUC of the step scores between right and wrong held-out steps: "
          + ", ".join(f"{group} {value:.2f}" for group, value in auc.items()) + " (0.5 = cannot tell them apart)")
-    bon = _best_of_n_stage(model, processor, prm, visual_eval, text_eval, size, seed)
-    result = StageResult("Best-of-N", *bon[BON_SELECTIONS[0]], time.perf_counter() - began, critic_losses)
+    bon = _best_of_n_stage(model, processor, prm, held_out, size, seed)
+    result = StageResult(f"Best-of-{size.bon_n}", bon[BON_SELECTIONS[0]], time.perf_counter() - began, critic_losses)
     stages.append(result)
-    report = RecipeReport(stages, chance, majority, 0.0, output_dir,
-                          extra={"bon": bon, "mpo_pairs": stats, "critic_auc": auc,
-                                 "vision_cell_accuracy": vision_accuracy})
-    _log(f"Best-of-{size.bon_n}: held-out visual {result.visual_correct}/{result.visual_total} = "
-         f"{result.visual_accuracy:.1%}, text {sum(result.text)}/{len(result.text)} ({result.seconds:.0f} s)")
+    report = RecipeReport(stages, chance, 0.0, output_dir, settings,
+                          extra={"bon": bon, "bon_n": size.bon_n, "mpo_pairs": stats, "sft_slips": slips,
+                                 "critic_auc": auc, "vision_cell_accuracy": vision_accuracy})
+    _log(f"{result.name}: reasoning {sum(result.reasoning)}/{len(result.reasoning)} (pass@{size.bon_n} "
+         f"{sum(StageResult('', bon['pass'], 0).reasoning)}), text {sum(result.text)}/{len(result.text)} "
+         f"({result.seconds:.0f} s)")
 
     if chat:
         report.answer = chat_with_final_model(model, processor, output_dir / "tiny-internvl3-recipe", seed)
@@ -540,15 +535,14 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool) 
     return report
 
 
-CRITIC_GROUPS = {"one-step visual": tasks.SINGLE_OBJECT_KINDS + ("count",), "sum steps": ("sum",), "text steps": ("text",)}
+CRITIC_GROUPS = {"perception": tasks.PERCEPTION_KINDS, "reasoning steps": (tasks.REASONING,), "text steps": ("text",)}
 
 
 def critic_step_auc(critic: ImplicitPRM, size: RecipeSize, seed: int) -> dict[str, float]:
     """How well the critic ranks right steps above wrong ones on held-out generator solutions (with injected
     errors, labelled like its training data): the AUC of its step scores, per group of question kinds."""
     rng = random.Random(seed)
-    questions = tasks.visual_questions(size.eval_per_kind * len(tasks.KINDS), seed)
-    questions += tasks.text_questions(size.eval_text, seed + 1)
+    questions = mixed_questions(200, seed, reasoning_share=0.6, text_share=0.2)
     solutions = [tasks.prm_example(question, rng) for question in questions]
     scores = critic.score_many(
         [q.question for q in questions], [[tasks.STEP_SEPARATOR.join(steps)] for steps, _ in solutions],
@@ -569,15 +563,14 @@ def critic_step_auc(critic: ImplicitPRM, size: RecipeSize, seed: int) -> dict[st
 BON_SELECTIONS = ("prm", "prm_vote", "majority")  # the stage's strategy first; the others on the same candidates
 
 
-def _best_of_n_stage(model, processor, critic: ImplicitPRM, visual: Sequence[Question], text: Sequence[Question],
-                     size: RecipeSize, seed: int) -> dict[str, tuple[dict[str, list[bool]], list[bool]]]:
+def _best_of_n_stage(model, processor, critic: ImplicitPRM, questions: Sequence[Question], size: RecipeSize,
+                     seed: int) -> dict[str, dict[str, list[bool]]]:
     """Best-of-N on every held-out question, the candidate with the best critic score winning (`prm`, the paper's
     selection); the weighted vote (`prm_vote`) and the majority vote pick from the same candidates, so the three
-    selections differ only in how they choose."""
-    questions = list(visual) + list(text)
+    selections differ only in how they choose; `pass` says whether any candidate is right (pass@N)."""
     torch.manual_seed(seed)
-    correct: dict[str, list[bool | None]] = {name: [None] * len(questions) for name in BON_SELECTIONS}
-    batches = list(_groups(questions, 8))
+    correct: dict[str, list[bool]] = {name: [False] * len(questions) for name in (*BON_SELECTIONS, "pass")}
+    batches = list(_batches(questions, 8))
     for kind, indices in tqdm(batches, desc="4/4 Best-of-N", unit="batch", dynamic_ncols=True):
         results = best_of_n(
             model, processor, critic, [_images(questions[i]) for i in indices], [questions[i].question for i in indices],
@@ -589,16 +582,8 @@ def _best_of_n_stage(model, processor, critic: ImplicitPRM, visual: Sequence[Que
             for name in BON_SELECTIONS:
                 chosen = result.candidates[select_best(result.candidates, name)]
                 correct[name][index] = tasks.is_correct(questions[index], chosen.text)
-    return {name: split_by_kind(visual, values) for name, values in correct.items()}
-
-
-def _majority_baseline(questions: Sequence[Question]) -> float:
-    """Accuracy of always giving each kind's most common held-out answer."""
-    total = 0
-    for kind in tasks.KINDS:
-        answers = Counter(q.answer for q in questions if q.kind == kind)
-        total += max(answers.values(), default=0)
-    return total / max(1, len(questions))
+            correct["pass"][index] = any(tasks.is_correct(questions[index], c.text) for c in result.candidates)
+    return {name: by_group(questions, values) for name, values in correct.items()}
 
 
 def chat_with_final_model(model, processor, directory: Path, seed: int) -> str:
@@ -613,7 +598,7 @@ def chat_with_final_model(model, processor, directory: Path, seed: int) -> str:
     reloaded_processor = AutoProcessor.from_pretrained(directory)
     rng = random.Random(seed * 1000 + 7)
     scene = tasks.random_scene(rng, 7)
-    question = tasks.visual_question(scene, "sum", rng)
+    question = tasks.visual_question(scene, tasks.REASONING, rng, "twice")
     image_path = directory.parent / "recipe_scene.png"
     scene.render().resize((336, 336), resample=0).save(image_path)
     _log(f"\nsaved the final model to {directory} and reloaded it with AutoModelForImageTextToText / AutoProcessor")

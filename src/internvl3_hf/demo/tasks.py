@@ -2,16 +2,17 @@
 
 Every question has one checkable answer. Question kinds:
 
-- `colour`   "What colour is the shape?"                       → "red"        (one-shape scenes)
-- `shape`    "What shape is it?"                               → "triangle"   (one-shape scenes)
-- `count`    "How many shapes are there?"                      → "3"
-- `position` "Where is the shape?"                             → "top left"   (one-shape scenes; 4 cells)
-- `sum`      "How many red shapes plus blue shapes?"           → step by step, steps separated by blank lines
-  (the VisualPRM convention), ending with "Answer: N"
-- `text`     text-only arithmetic and counting facts ("What is 3 plus 4?", "What number comes after 7?")
+- perception: `colour` "What colour is the shape?" → "red", `shape` "What shape is it?" → "triangle" (one-shape
+  scenes), `count` "How many shapes are there?" → "3", `position` "Where is the shape?" → "top left"
+- `reasoning`: two- or three-step arithmetic over the counts of colours, answered step by step (steps separated by
+  blank lines, the VisualPRM convention: each count, then each operation, then "Answer: N"), in three templates:
+  `plus` "How many red shapes plus blue shapes?", `twice` "What is twice the red shapes plus the blue shapes?",
+  `minus` "How many red shapes plus blue shapes, minus green shapes?"
+- `text`: text-only arithmetic and counting facts ("What is 3 plus 4?", "What number comes after 7?")
 
-Also: captions ("Describe the image."), for pre-training; and step-labelled solutions (some steps corrupted, every
-step labelled `+` until the first error and `-` from there on, the VisualPRM rule), for the critic.
+Also: captions ("Describe the image.") and counts of one colour, for pre-training; the solutions of an imperfect
+annotator (`annotated_solution`: slips in `minus` questions), for SFT; and step-labelled solutions (some steps
+corrupted, every step labelled `+` until the first error and `-` from there on, the VisualPRM rule), for the critic.
 
 Everything is deterministic given the seed; the train and held-out splits use disjoint seeds.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -30,7 +32,9 @@ BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (245, 236, 215), (226, 238, 248
 GRID = 2
 ROWS = ("top", "bottom")
 COLUMNS = ("left", "right")
-KINDS = ("colour", "shape", "count", "position", "sum")
+PERCEPTION_KINDS = ("colour", "shape", "count", "position")
+REASONING = "reasoning"
+KINDS = (*PERCEPTION_KINDS, REASONING)
 SINGLE_OBJECT_QUESTIONS = {  # kind -> (question, the `Shape` attribute that answers it)
     "colour": ("What colour is the shape?", "colour"),
     "shape": ("What shape is it?", "shape"),
@@ -108,28 +112,68 @@ class Question:
     answer: str
     solution: str
     scene: Scene | None = None
-    facts: dict = field(default_factory=dict)  # what a step-by-step solution needs (`sum`: the two colours, counts)
+    facts: dict = field(default_factory=dict)  # what a step-by-step solution needs (`reasoning`: template, colours, counts)
 
     @property
     def has_image(self) -> bool:
         return self.scene is not None
 
+    @property
+    def template(self) -> str:
+        """The reasoning template (`plus`, `twice`, `minus`), or the kind for other questions."""
+        return self.facts.get("template", self.kind)
 
-def sum_steps(colour_a: str, count_a: int, colour_b: str, count_b: int, total: int | None = None) -> list[str]:
-    total = count_a + count_b if total is None else total
-    return [
-        f"{colour_a.capitalize()} shapes: {count_a}.",
-        f"{colour_b.capitalize()} shapes: {count_b}.",
-        f"{count_a} + {count_b} = {total}.",
-        f"Answer: {total}",
-    ]
+
+# Each reasoning template: the question, how many colours it counts, and its operations in order. An operation
+# (op, i, j) writes "v_i op v_j = result." over the values so far: the counts first, then each result.
+TEMPLATES = {
+    "plus": ("How many {0} shapes plus {1} shapes?", 2, (("+", 0, 1),)),
+    "twice": ("What is twice the {0} shapes plus the {1} shapes?", 2, (("+", 0, 0), ("+", 2, 1))),
+    "minus": ("How many {0} shapes plus {1} shapes, minus {2} shapes?", 3, (("+", 0, 1), ("-", 3, 2))),
+}
+REASONING_TEMPLATES = tuple(TEMPLATES)
+# The imperfect annotator of the SFT data: in `minus` questions it slips SLIP_RATE of the time, and never elsewhere.
+# The slip copies a number from the wrong earlier step: the subtraction starts from the first count instead of the
+# sum ("2 + 1 = 3." then "2 - 1 = 1."), and the answer follows from it. More likely than not in that situation, the
+# slip is what an SFT model's greedy answer imitates, while some of its samples are sound: the gap MPO closes.
+SLIP_TEMPLATE = "minus"
+SLIP_RATE = 0.6
+SLIP_READS = {1: (0, 2)}  # operation index -> the operands the slip reads (the first count, not the sum)
+
+
+def reasoning_values(template: str, counts: Sequence[int], reads: dict[int, tuple[int, int]] | None = None,
+                     results: dict[int, int] | None = None) -> list[tuple[int, str, int, int]]:
+    """Each operation of `template` over `counts` as (a, op, b, result); `reads` replaces an operation's operands
+    (indices into the values so far: the counts, then each result), `results` an operation's result."""
+    values, written = list(counts), []
+    for index, (op, left, right) in enumerate(TEMPLATES[template][2]):
+        left, right = (reads or {}).get(index, (left, right))
+        a, b = values[left], values[right]
+        result = (results or {}).get(index, a + b if op == "+" else a - b)
+        written.append((a, op, b, result))
+        values.append(result)
+    return written
+
+
+def reasoning_steps(template: str, colours: Sequence[str], counts: Sequence[int],
+                    reads: dict[int, tuple[int, int]] | None = None, results: dict[int, int] | None = None,
+                    final: int | None = None) -> list[str]:
+    """The steps of a `template` solution that names `colours` with `counts`: one step per count, one per operation
+    (`reasoning_values`: `reads` a number copied from the wrong step, `results` a wrong calculation), then the
+    answer (`final`, default the last result); later steps follow from what is written."""
+    operations = reasoning_values(template, counts, reads, results)
+    steps = [f"{colour.capitalize()} shapes: {count}." for colour, count in zip(colours, counts)]
+    steps += [f"{a} {op} {b} = {result}." for a, op, b, result in operations]
+    steps.append(f"Answer: {operations[-1][3] if final is None else final}")
+    return steps
 
 
 STEP_SEPARATOR = "\n\n"
 
 
-def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | None:
-    """A question of `kind` about `scene`, or None when the scene cannot ask it unambiguously."""
+def visual_question(scene: Scene, kind: str, rng: random.Random, template: str | None = None) -> Question | None:
+    """A question of `kind` (for `reasoning`: of `template`, default random) about `scene`, or None when the scene
+    cannot ask it."""
     if kind in SINGLE_OBJECT_QUESTIONS:
         if len(scene.shapes) != 1:
             return None
@@ -144,17 +188,44 @@ def visual_question(scene: Scene, kind: str, rng: random.Random) -> Question | N
         colour = rng.choice(sorted({s.colour for s in scene.shapes}) if rng.random() < 0.8 else list(COLOURS))
         total = str(scene.count(colour))
         return Question(kind, f"How many {colour} shapes are there?", total, total, scene)
-    if kind == "sum":
-        present = sorted({s.colour for s in scene.shapes})
-        colour_a = rng.choice(present)
-        others = [c for c in present if c != colour_a] if len(present) > 1 and rng.random() < 0.8 else []
-        colour_b = rng.choice(others or [c for c in COLOURS if c != colour_a])
-        a, b = scene.count(colour_a), scene.count(colour_b)
-        steps = sum_steps(colour_a, a, colour_b, b)
-        question = f"How many {colour_a} shapes plus {colour_b} shapes?"
-        return Question(kind, question, str(a + b), STEP_SEPARATOR.join(steps), scene,
-                        {"colours": (colour_a, colour_b), "counts": (a, b)})
+    if kind == REASONING:
+        return reasoning_question(scene, template or rng.choice(REASONING_TEMPLATES), rng)
     raise ValueError(f"unknown question kind {kind!r}")
+
+
+def reasoning_question(scene: Scene, template: str, rng: random.Random) -> Question | None:
+    """A `template` question about `scene`: the first colour is one the scene holds; the second mostly another one
+    it holds (`minus`: always, so that the sum differs from the first count and the slip changes the answer); the
+    colour subtracted is one with at most as many shapes as the first (no answer below zero, slip or not)."""
+    present = sorted({s.colour for s in scene.shapes})
+    first = rng.choice(present)
+    others = [c for c in present if c != first]
+    if template == "minus" and not others:
+        return None
+    if others and (template == "minus" or rng.random() < 0.8):
+        second = rng.choice(others)
+    else:
+        second = rng.choice([c for c in COLOURS if c != first])
+    colours = [first, second]
+    if template == "minus":
+        candidates = [c for c in COLOURS if c not in colours and scene.count(c) <= scene.count(first)]
+        if not candidates:
+            return None
+        colours.append(rng.choice(candidates))
+    counts = [scene.count(colour) for colour in colours]
+    steps = reasoning_steps(template, colours, counts)
+    question = TEMPLATES[template][0].format(*colours)
+    return Question(REASONING, question, steps[-1].removeprefix("Answer: "), STEP_SEPARATOR.join(steps), scene,
+                    {"template": template, "colours": tuple(colours), "counts": tuple(counts)})
+
+
+def annotated_solution(question: Question, rng: random.Random, slip_rate: float = SLIP_RATE) -> str:
+    """The solution an imperfect annotator writes: in `SLIP_TEMPLATE` questions, `slip_rate` of the time the slip
+    (`SLIP_READS`) with the answer that follows from it; otherwise, and for every other question, the reference."""
+    if question.template != SLIP_TEMPLATE or rng.random() >= slip_rate:
+        return question.solution
+    facts = question.facts
+    return STEP_SEPARATOR.join(reasoning_steps(facts["template"], facts["colours"], facts["counts"], reads=SLIP_READS))
 
 
 def text_question(rng: random.Random, style: str = "steps") -> Question:
@@ -180,16 +251,23 @@ def text_steps(a: int, op: str, b: int, result: int, final: int | None = None) -
 
 
 def visual_questions(count: int, seed: int, kinds=KINDS) -> list[Question]:
-    """`count` visual questions, kinds in turn, each on its own new scene."""
+    """`count` visual questions, kinds in turn (`reasoning` questions: templates in turn), each on its own new scene."""
     rng = random.Random(seed)
-    questions = []
+    questions, reasoning = [], 0
     while len(questions) < count:
         kind = kinds[len(questions) % len(kinds)]
+        template = REASONING_TEMPLATES[reasoning % len(REASONING_TEMPLATES)] if kind == REASONING else None
         scene = random_scene(rng, rng.randrange(2**31), 1 if kind in SINGLE_OBJECT_KINDS else MAX_SHAPES)
-        question = visual_question(scene, kind, rng)
+        question = visual_question(scene, kind, rng, template)
         if question is not None:
             questions.append(question)
+            reasoning += kind == REASONING
     return questions
+
+
+def reasoning_questions(count: int, seed: int) -> list[Question]:
+    """`count` reasoning questions, the templates in turn."""
+    return visual_questions(count, seed, kinds=(REASONING,))
 
 
 def text_questions(count: int, seed: int, style: str = "steps") -> list[Question]:
@@ -222,7 +300,7 @@ def is_correct(question: Question, response: str) -> bool:
 def answer_space(kind: str) -> int:
     """How many answers a question of `kind` can have (chance = 1 / this)."""
     return {"colour": len(COLOURS), "shape": len(SHAPES), "count": MAX_SHAPES, "position": GRID * GRID,
-            "sum": MAX_SHAPES + 1}.get(kind, 0)
+            REASONING: 2 * MAX_SHAPES + 1}.get(kind, 0)
 
 
 def chance_accuracy(questions: list[Question]) -> float:
@@ -232,33 +310,51 @@ def chance_accuracy(questions: list[Question]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- PRM data
-def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str], list[str]]:
-    """A solution of a `sum` question with zero or one corrupted step, and its `+`/`-` step labels.
+CORRUPTIONS = ("none", "none", "count", "colour", "calculation", "copy", "final")
 
-    The error lands on a count, on the colour the second step counts (another colour than the question's, counted
-    rightly: the slip small models make), on the addition or on the final answer; every step from the first wrong
-    one on is `-` (a later step that follows consistently from a wrong one is still part of a wrong process).
+
+def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str], list[str]]:
+    """A solution of a `reasoning` question with zero or one corrupted step, and its `+`/`-` step labels.
+
+    The error lands on a count, on the colour a step counts (another colour than the question's, counted rightly:
+    the slip small models make), on an operation's result, on the numbers an operation reads (copied from the wrong
+    step: the annotator's slip and others), or on the final answer; later steps follow from what is written, and
+    every step from the first wrong one on is `-` (a later step that follows consistently from a wrong one is still
+    part of a wrong process).
     """
-    (colour_a, colour_b), (a, b) = question.facts["colours"], question.facts["counts"]
-    where = rng.choice(("none", "none", "count_a", "count_b", "colour_b", "sum", "final"))
-    wa, wb, named_b = a, b, colour_b
-    bad_from = None
-    # counting another colour is only wrong where its count differs (else the step's number is still right)
-    others = [c for c in COLOURS if c != colour_b and question.scene.count(c) != b]
-    if where == "colour_b" and others:
-        named_b = rng.choice(others)
-        wb, bad_from = question.scene.count(named_b), 1
-    elif where == "count_a":
-        wa, bad_from = _other(a, rng, 0, MAX_SHAPES), 0
-    elif where in ("count_b", "colour_b"):
-        wb, bad_from = _other(b, rng, 0, MAX_SHAPES), 1
-    total = wa + wb
-    steps = sum_steps(colour_a, wa, named_b, wb, total)
-    if where == "sum":
-        wrong = _other(total, rng, 0, 2 * MAX_SHAPES)
-        steps[2], steps[3], bad_from = f"{wa} + {wb} = {wrong}.", f"Answer: {wrong}", 2
-    elif where == "final":
-        steps[3], bad_from = f"Answer: {_other(total, rng, 0, 2 * MAX_SHAPES)}", 3
+    template, colours, counts = question.facts["template"], list(question.facts["colours"]), list(question.facts["counts"])
+    operations = TEMPLATES[template][2]
+    where = rng.choice(CORRUPTIONS)
+    reads, results, final, bad_from = {}, {}, None, None
+    if where == "colour":
+        index = rng.randrange(len(colours))
+        # counting another colour is only wrong where its count differs (else the step's number is still right)
+        others = [c for c in COLOURS if c not in colours and question.scene.count(c) != counts[index]]
+        if others:
+            colours[index] = rng.choice(others)
+            counts[index], bad_from = question.scene.count(colours[index]), index
+        else:
+            where = "count"
+    if where == "count":
+        index = rng.randrange(len(counts))
+        counts[index], bad_from = _other(counts[index], rng, 0, MAX_SHAPES), index
+    elif where == "calculation":
+        index = rng.randrange(len(operations))
+        right = reasoning_values(template, counts)[index][3]
+        results[index], bad_from = _other(right, rng, 0, 2 * MAX_SHAPES), len(counts) + index
+    elif where == "copy":
+        index = rng.randrange(len(operations))
+        values = list(counts) + [result for *_, result in reasoning_values(template, counts)]
+        _, left, right = operations[index]
+        known = range(len(counts) + index)  # the values written before this operation
+        options = [(i, right) for i in known if values[i] != values[left]]
+        options += [(left, j) for j in known if values[j] != values[right]]
+        if options:
+            reads[index], bad_from = rng.choice(options), len(counts) + index
+    steps = reasoning_steps(template, colours, counts, reads, results)
+    if where == "final":
+        final = _other(int(question.answer), rng, 0, 2 * MAX_SHAPES)
+        steps[-1], bad_from = f"Answer: {final}", len(steps) - 1
     labels = ["+" if bad_from is None or index < bad_from else "-" for index in range(len(steps))]
     return steps, labels
 
@@ -269,8 +365,9 @@ def _other(value: int, rng: random.Random, low: int, high: int) -> int:
 
 
 def prm_example(question: Question, rng: random.Random) -> tuple[list[str], list[str]]:
-    """A (steps, labels) pair for any question: multi-step for `sum` and `text`, one step (right or wrong) otherwise."""
-    if question.kind == "sum":
+    """A (steps, labels) pair for any question: multi-step for `reasoning` and `text`, one step (right or wrong)
+    otherwise."""
+    if question.kind == REASONING:
         return corrupted_solution(question, rng)
     if question.kind == "text":
         a, op, b = question.facts["a"], question.facts["op"], question.facts["b"]
