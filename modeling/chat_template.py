@@ -22,6 +22,10 @@ import json
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+# The tokens an image span is made of: `<img>` + `<IMG_CONTEXT>` x (tokens per tile · tiles) + `</img>`.
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # Label of the k-th image when a conversation holds several (the official multi-image prompt).
 IMAGE_LABEL = "Image-{}: "
 

@@ -22,7 +22,15 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .chat_template import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_chat_template
+from .chat_template import (
+    CHAT_TEMPLATE,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START_TOKEN,
+    VIDEO_PLACEHOLDER,
+    build_chat_template,
+)
 from .configuration_internvl3 import (
     OFFICIAL_CONFIG_DEFAULTS,
     OFFICIAL_VISION_DEFAULTS,
@@ -32,9 +40,6 @@ from .configuration_internvl3 import (
 )
 from .image_processing_internvl3 import InternVL3ImageProcessor, InternVL3ImageProcessorKwargs, split_tile_budget
 
-IMAGE_START_TOKEN = "<img>"
-IMAGE_END_TOKEN = "</img>"
-IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # A video placeholder takes its newline along: the MPO frame format drops it.
 _PLACEHOLDER_PATTERN = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}\n?")
 

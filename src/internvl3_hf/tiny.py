@@ -11,11 +11,15 @@ import json
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
 
-from .modeling.configuration_internvl3 import InternVL3Config
+from .modeling.chat_internvl3 import END_OF_TURN
+from .modeling.chat_template import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from .modeling.configuration_internvl3 import TOKEN_ID_FIELDS, InternVL3Config
 
 # Same order as Qwen2 (151643..) followed by InternVL's (151665..): only the offsets differ.
-QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-INTERNVL_SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", END_OF_TURN)
+INTERNVL_SPECIAL_TOKENS = (
+    IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"
+)
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. A red circle sits left of a blue square.
@@ -50,7 +54,7 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Qwen2Tokenizer:
     tokenizer = Qwen2Tokenizer(vocab=model_state["vocab"], merges=merges)
     tokenizer.add_special_tokens(
         {
-            "eos_token": "<|im_end|>",
+            "eos_token": END_OF_TURN,
             "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:] + INTERNVL_SPECIAL_TOKENS),
         }
     )
@@ -100,17 +104,13 @@ def tiny_config(
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         tie_word_embeddings=False,
     )
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _TOKEN_FIELDS.items()}
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_ID_FIELDS.items()}
     settings = dict(
         vision_config=vision,
         text_config=text,
         force_image_size=image_size,
         image_seq_length=(image_size // patch_size) ** 2 // 4,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         **ids,
     )
     settings.update(overrides)
     return InternVL3Config(**settings)
-
-
-_TOKEN_FIELDS = {"image_token_id": "<IMG_CONTEXT>", "image_start_token_id": "<img>", "image_end_token_id": "</img>"}

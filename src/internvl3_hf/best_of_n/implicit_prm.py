@@ -20,6 +20,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..chat import build_messages
+from ..modeling.chat_internvl3 import END_OF_TURN
 from .prm import (
     STEP_SEPARATOR,
     CriticScore,
@@ -75,7 +76,7 @@ class ImplicitPRM:
         self.batch_size = batch_size
         self.system = system
         tokenizer = processor.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id works
 
     def score(self, question: str, responses: Sequence[str], images=None, *, orm: bool = False) -> list[CriticScore]:

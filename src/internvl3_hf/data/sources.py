@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 from .errors import DataError, DataErrorReason
 
-OFFICIAL_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+ROLES = ("system", "user", "assistant")
+OFFICIAL_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # official turn names → ROLES
 T = TypeVar("T")
 
 
@@ -172,7 +173,7 @@ def samples_from_hf_dataset(dataset: Iterable[dict], name: str = "dataset", data
             if not messages:
                 raise DataError(f"{origin}: empty or missing 'messages'.", DataErrorReason.EMPTY_CONVERSATION)
             for message in messages:
-                if message.get("role") not in ("system", "user", "assistant"):
+                if message.get("role") not in ROLES:
                     raise DataError(
                         f"{origin}: unknown role {message.get('role')!r}; use system, user or assistant.",
                         DataErrorReason.UNKNOWN_ROLE,

@@ -30,6 +30,7 @@ import torch
 from ..data.encoding import IGNORE_INDEX, EncodedSample, SupervisedEncoder
 from ..data.errors import DataError, DataErrorReason, drop_reason
 from ..data.sources import (
+    ROLES,
     Sample,
     Source,
     add_missing_placeholders,
@@ -41,9 +42,6 @@ from ..data.synthetic import COLOURS, shape_image
 from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-COLUMNS = ("prompt", "chosen", "rejected", "images", "videos", "origin", "data_augment", "max_dynamic_patch")
 
 
 # --------------------------------------------------------------------------------------------------- pairs
