@@ -19,6 +19,7 @@ import sys
 import tarfile
 import unittest
 import unittest.mock
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,12 +100,15 @@ if WHY_NOT:
 sys.path.insert(0, str(ROOT))
 
 from transformers_sdist_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
-from transformers_sdist_tests.test_modeling_common import (  # noqa: E402
-    ModelTesterMixin,
-    _config_zero_init,
-    floats_tensor,
-    ids_tensor,
-)
+
+with warnings.catch_warnings():  # transformers' own marks (flash_attn_test, ...) are not registered here
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    from transformers_sdist_tests.test_modeling_common import (  # noqa: E402
+        ModelTesterMixin,
+        _config_zero_init,
+        floats_tensor,
+        ids_tensor,
+    )
 
 
 class InternVL3ModelTester:
