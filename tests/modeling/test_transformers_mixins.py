@@ -43,7 +43,8 @@ PIP_TIMEOUT_S = 180
 
 def pip_download(requirement: str, destination: Path, *flags: str) -> Path | None:
     """The file pip downloads for `requirement` (no dependencies), or `None` when PyPI cannot be reached."""
-    command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--quiet", "-d", str(destination)]
+    command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--quiet", "--timeout", "30",
+               "--retries", "2", "-d", str(destination)]  # fmt: skip
     try:
         subprocess.run([*command, *flags], check=True, timeout=PIP_TIMEOUT_S, capture_output=True)
     except (subprocess.SubprocessError, OSError):
