@@ -70,6 +70,25 @@ def test_majority_vote_needs_no_critic(checkpoints, capsys):
     assert "candidate 8/8" in out and "(majority)" in out
 
 
+class CriticBuilt(Exception):
+    """Stops `bon` once the critic is built: what it was built with is all these tests read."""
+
+
+@pytest.mark.parametrize(("arguments", "max_steps"), [([], None), (["--max-steps", "0"], None), (["--max-steps", "3"], 3)])
+def test_the_critic_merges_no_steps_unless_asked(checkpoints, monkeypatch, arguments, max_steps):
+    """As the official `select_best_response`: no merging by default; `--max-steps N` merges into N steps."""
+    built = {}
+
+    def record(model, processor, **settings):
+        built.update(settings)
+        raise CriticBuilt
+
+    monkeypatch.setattr("internvl3_hf.best_of_n.prm.VisualPRM", record)
+    with pytest.raises(CriticBuilt):
+        run_bon(checkpoints, "--critic", str(checkpoints / "critic"), *arguments, QUESTION)
+    assert built["max_steps"] == max_steps
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -161,7 +161,7 @@ def test_shared_prompt_with_gradient_checkpointing(setup, tmp_path):
 
 
 def test_shared_prompt_with_lora_and_the_adapter_disabled_reference(setup, tmp_path):
-    from internvl3_hf.mpo.cli import lora_config
+    from internvl3_hf.recipes import lora_config
 
     policy, reference, processor = setup()
     trainer = build_trainer(reference, None, processor, tmp_path, peft_config=lora_config({"target": "both", "r": 4}))

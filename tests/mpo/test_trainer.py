@@ -23,7 +23,8 @@ from internvl3_hf.mpo import (  # noqa: E402
     RewardShift,
     preference_dataset,
 )
-from internvl3_hf.mpo.cli import lora_config, run_mpo  # noqa: E402
+from internvl3_hf.recipes import lora_config  # noqa: E402
+from internvl3_hf.train import run_mpo  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
 from internvl3_hf.sft import add_fused_lm_head_once  # noqa: E402
 from internvl3_hf.train import build_model_and_processor, load_recipe  # noqa: E402

@@ -9,6 +9,7 @@ print(result.best.text, result.best.step_scores)
 ```
 """
 
+from .critic import Critic
 from .implicit_prm import ImplicitPRM
 from .prm import (
     PRM_SYSTEM_PROMPT,
@@ -25,6 +26,7 @@ from .search import (
     best_of_n,
     extract_answer,
     generate_candidates,
+    generate_with_shared_prefill,
     majority_vote,
     select_best,
 )
@@ -32,6 +34,7 @@ from .search import (
 __all__ = [
     "BestOfNResult",
     "Candidate",
+    "Critic",
     "CriticScore",
     "ImplicitPRM",
     "PRM_SYSTEM_PROMPT",
@@ -41,6 +44,7 @@ __all__ = [
     "critic_messages",
     "extract_answer",
     "generate_candidates",
+    "generate_with_shared_prefill",
     "majority_vote",
     "render_critic_prompt",
     "select_best",

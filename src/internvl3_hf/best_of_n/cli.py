@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, open_image, require_checkpoint
-from .prm import AGGREGATIONS, DEFAULT_MAX_STEPS, SCORING_MODES
+from .prm import AGGREGATIONS, SCORING_MODES
 from .search import STRATEGIES, BestOfNResult
 
 
@@ -32,8 +32,9 @@ def add_bon_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     bon.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default="mean", help="step scores -> answer score")
     bon.add_argument("--scoring", choices=SCORING_MODES, default="single_forward", help="critic forward passes")
     bon.add_argument(
-        "--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="merge answers into at most this many steps; 0: never"
-    )
+        "--max-steps", type=int, default=0,
+        help="merge each answer into at most this many steps; 0 (default): no merging, as the official scoring",
+    )  # fmt: skip
     bon.add_argument("--max-new-tokens", type=int, default=1024)
     bon.add_argument("--temperature", type=float, default=1.0)
     bon.add_argument("--top-p", type=float, default=1.0)

@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import importlib
 
+# Name → the module defining it, relative to this package (the recipe builders live in `internvl3_hf.train`).
 _EXPORTS = {
-    "MPOConfig": "config",
-    "EncodedPair": "data",
-    "MPODataCollator": "data",
-    "PreferenceEncoder": "data",
-    "PreferencePair": "data",
-    "pair_from_row": "data",
-    "pairs_from_hf_dataset": "data",
-    "plan_pairs": "data",
-    "preference_dataset": "data",
-    "read_preference_jsonl": "data",
-    "read_preference_meta": "data",
-    "synthetic_preference_pairs": "data",
-    "REWARD_SHIFT_FILE": "trainer",
-    "MPOTrainer": "trainer",
-    "RewardShift": "trainer",
-    "build_mpo_trainer": "cli",
-    "run_mpo": "cli",
+    "MPOConfig": ".config",
+    "EncodedPair": ".data",
+    "MPODataCollator": ".data",
+    "PreferenceEncoder": ".data",
+    "PreferencePair": ".data",
+    "pair_from_row": ".data",
+    "pairs_from_hf_dataset": ".data",
+    "plan_pairs": ".data",
+    "preference_dataset": ".data",
+    "read_preference_jsonl": ".data",
+    "read_preference_meta": ".data",
+    "synthetic_preference_pairs": ".data",
+    "REWARD_SHIFT_FILE": ".trainer",
+    "MPOTrainer": ".trainer",
+    "RewardShift": ".trainer",
+    "build_mpo_trainer": "..train",
+    "run_mpo": "..train",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -37,7 +38,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value
 

@@ -1,27 +1,18 @@
 """`internvl3-hf mpo --config recipes/tiny_cpu_mpo.yaml`: MPO from one YAML recipe, like `train` for SFT.
 
 The command is a thin face over `internvl3_hf.train.run_mpo` (the recipe sections and keys: `internvl3_hf.recipes`,
-`MPORecipe`). `build_mpo_trainer`, `run_mpo` and `lora_config` are importable from here as well.
+`MPORecipe`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-# Imported on first use, so that building the command line does not import torch and TRL.
-_EXPORTS = {"build_mpo_trainer": "..train", "run_mpo": "..train", "lora_config": "..recipes"}
-
-__all__ = ["add_mpo_parser", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __package__), name)
+__all__ = ["add_mpo_parser"]
 
 
 def _mpo(args: argparse.Namespace) -> None:
+    # Imported here, so that building the command line does not import torch and TRL.
     from ..recipes import load_recipe
     from ..train import run_mpo
 
