@@ -113,8 +113,8 @@ class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
     jpeg_seed: int
 
 
-def _first(value: int | list | tuple) -> int:
-    """An int from a config entry that may be a scalar or a (height, width) pair."""
+def square_side(value: int | list | tuple) -> int:
+    """The side of a square size given in a config as an int or a (height, width) pair."""
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
@@ -135,8 +135,8 @@ def processor_settings_from_model_config(config: dict) -> dict:
     settings = {**_MODEL_CONFIG_DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
     vision = {**_VISION_DEFAULTS, **(config.get("vision_config") or {})}
     # The official model uses `force_image_size or vision_config.image_size` as the tile side.
-    tile_size = settings["force_image_size"] or _first(vision["image_size"])
-    patch_size = _first(vision["patch_size"])
+    tile_size = settings["force_image_size"] or square_side(vision["image_size"])
+    patch_size = square_side(vision["patch_size"])
     image_processor = {
         "size": {"height": tile_size, "width": tile_size},
         "min_patches": settings["min_dynamic_patch"],

@@ -121,7 +121,7 @@ def add_fused_lm_head_once(model) -> bool:
     if importlib.util.find_spec("trl") is None:
         logger.warning("fused_lm_head needs trl (pip install 'internvl3-hf[train]'): training on full logits.")
         return False
-    target = model.get_base_model() if _is_peft(model) else model
+    target = model.get_base_model() if is_peft_model(model) else model
     if _is_peft_tuner_layer(target.get_output_embeddings()):
         logger.warning("The LM head carries a PEFT adapter: fused_lm_head is off, training on full logits.")
         return False
@@ -129,7 +129,8 @@ def add_fused_lm_head_once(model) -> bool:
     return True
 
 
-def _is_peft(model) -> bool:
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT-wrapped model (False where peft is not installed)."""
     try:
         from peft import PeftModel
     except ImportError:

@@ -53,6 +53,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .._compat import make_fused_forward_copy_safe, trl_without_reference
 from ..data.encoding import IGNORE_INDEX
+from ..sft import is_peft_model
 from .config import MPOConfig
 from .data import CHOSEN_SEGMENT, REJECTED_SEGMENT, MPODataCollator, PreferencePair, preference_dataset
 
@@ -241,7 +242,7 @@ class MPOTrainer(DPOTrainer):
                 "each training step draws. Use v2pe_mode='fixed' or compute the reference on the fly."
             )
         full_fine_tuning = ref_model is None and peft_config is None and not isinstance(model, str)
-        full_fine_tuning = full_fine_tuning and not _is_peft(model)
+        full_fine_tuning = full_fine_tuning and not is_peft_model(model)
         zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
         # With precompute, the reference log-probs of full fine-tuning come from the policy before training: no
         # copy is kept (under DeepSpeed the copy or reload below serves the pass and is dropped after it).
@@ -296,7 +297,7 @@ class MPOTrainer(DPOTrainer):
     def _internvl3(self, model):
         """The `InternVL3ForConditionalGeneration` under any DDP/DeepSpeed/PEFT wrapper."""
         unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped.get_base_model() if _is_peft(unwrapped) else unwrapped
+        return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
 
     def _share_prompt_supported(self) -> bool:
         if not self.args.share_prompt:
@@ -357,7 +358,7 @@ class MPOTrainer(DPOTrainer):
             raise ValueError("precompute_ref_log_probs=True needs map-style datasets (datasets.Dataset).")
         values = saved.get(name)
         if values is None or values.shape[0] != len(dataset):
-            if self.ref_model is None and not _is_peft(self.accelerator.unwrap_model(self.model)):
+            if self.ref_model is None and not is_peft_model(self.accelerator.unwrap_model(self.model)):
                 if self.state.global_step > 0:
                     raise ValueError(
                         f"Cannot compute reference log-probs for the {name!r} dataset after training started: "
@@ -397,7 +398,7 @@ class MPOTrainer(DPOTrainer):
         """Reference log-probs `(chosen, rejected)` of the batch's pairs in either layout: no grad, gradient
         checkpointing off, autocast, adapters disabled for a PEFT policy without `ref_model` (TRL's handling)."""
         adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and _is_peft(self.accelerator.unwrap_model(self.model)):
+        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter_context = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
         with (
@@ -642,14 +643,6 @@ def _load_reference_logps(checkpoint: str | os.PathLike | None) -> dict[str, tor
         return {}
     logger.info("reusing the reference log-probs saved in %s", path)
     return torch.load(path, weights_only=True)
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _as_preference_dataset(dataset):
