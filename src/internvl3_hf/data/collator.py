@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .encoding import IGNORE_INDEX, EncodedSample
+
+
+def image_tiles(items: Sequence) -> dict[str, torch.Tensor]:
+    """`pixel_values` (the items' tiles, concatenated in order) and `image_num_patches` (tiles per image, in the
+    same order) of encoded items that carry them (`EncodedSample`, `EncodedPair`); empty when none has an image."""
+    tiles = [item.pixel_values for item in items if item.pixel_values is not None]
+    if not tiles:
+        return {}
+    return {
+        "pixel_values": torch.cat(tiles),
+        "image_num_patches": torch.tensor([n for item in items for n in item.image_num_patches]),
+    }
 
 
 class SFTCollator:
@@ -25,12 +39,7 @@ class SFTCollator:
         rows = [samples] if self.padding_free else [[sample] for sample in samples]
         if not self.padding_free and any(len(item) > 1 for item in items):
             raise ValueError("Packed dataset items need SFTCollator(padding_free=True).")
-        batch = self._rows(rows)
-        pixel_values = [sample.pixel_values for sample in samples if sample.pixel_values is not None]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
-            batch["image_num_patches"] = torch.tensor([n for sample in samples for n in sample.image_num_patches])
-        return batch
+        return {**self._rows(rows), **image_tiles(samples)}
 
     def _rows(self, rows: list[list[EncodedSample]]) -> dict[str, torch.Tensor]:
         width = max(sum(len(sample.input_ids) for sample in row) for row in rows)

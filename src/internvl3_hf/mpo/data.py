@@ -27,6 +27,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..data.collator import image_tiles
 from ..data.encoding import IGNORE_INDEX, EncodedSample, SupervisedEncoder
 from ..data.errors import DataError, DataErrorReason, drop_reason
 from ..data.sources import (
@@ -436,11 +437,7 @@ class MPODataCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
         if self.share_prompt:
             batch["segment_ids"] = segment_ids
-        tiles = [pair.pixel_values for pair in pairs if pair.pixel_values is not None]
-        if tiles:
-            batch["pixel_values"] = torch.cat(tiles)
-            batch["image_num_patches"] = torch.tensor([n for pair in pairs for n in pair.image_num_patches])
-        return batch
+        return {**batch, **image_tiles(pairs)}
 
 
 PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT = 0, 1, 2
