@@ -108,6 +108,7 @@ ENCODER_CASES = {
         Reason.TEMPLATE_REJECTED),
     "template: unknown content": (
         lambda d: sample([{"type": "audio"}, {"type": "text", "text": "hi"}]), Reason.TEMPLATE_REJECTED),
+    "content neither text nor items": (lambda d: sample(5), Reason.UNSUPPORTED_CONTENT),
     "empty answer": (lambda d: sample("Colour?", answer=""), Reason.EMPTY_CONVERSATION),
     "placeholder in the answer": (lambda d: sample("Colour?", answer="<image>"), Reason.PLACEHOLDER_MISMATCH),
     "more placeholders than images": (lambda d: sample("<image>\nColour?"), Reason.PLACEHOLDER_MISMATCH),
@@ -150,6 +151,7 @@ PAIR_ROW_CASES = {
     "prompt ends with an answer": (
         {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, Reason.NO_USER_TURN),
     "audio part": ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}]}, Reason.UNSUPPORTED_CONTENT),
+    "content neither text nor parts": ({"prompt": [{"role": "user", "content": 5}]}, Reason.UNSUPPORTED_CONTENT),
     "image in the answer": (
         {"rejected": [{"role": "assistant", "content": [{"type": "image"}]}]}, Reason.UNSUPPORTED_CONTENT),
     "placeholder in the answer": ({"chosen": "<image>"}, Reason.PLACEHOLDER_MISMATCH),

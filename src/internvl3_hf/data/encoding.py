@@ -132,10 +132,18 @@ def open_image(image, origin: str) -> PIL.Image.Image:
         raise DataError(f"{origin}: {error}", reason) from error
 
 
-def _content_items(content) -> list[dict]:
+def _content_items(content, origin: str) -> list[dict]:
+    """A message content as chat-template items: a string is one text item, `None` none."""
     if content is None:
         return []
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, (list, tuple)) and all(isinstance(item, dict) for item in content):
+        return list(content)
+    raise DataError(
+        f"{origin}: a message content must be a string or a list of {{'type': ...}} items, got {content!r}.",
+        DataErrorReason.UNSUPPORTED_CONTENT,
+    )
 
 
 def _check_answers(sample: Sample) -> None:
@@ -144,7 +152,7 @@ def _check_answers(sample: Sample) -> None:
     for index, message in enumerate(sample.messages):
         if message["role"] != "assistant":
             continue
-        items = _content_items(message["content"])
+        items = _content_items(message["content"], sample.origin)
         if any(item.get("type") in ("image", "video") for item in items) or any(
             IMAGE_PLACEHOLDER in (item.get("text") or "") or VIDEO_PLACEHOLDER in (item.get("text") or "")
             for item in items
@@ -162,7 +170,7 @@ def _check_placeholder_counts(sample: Sample) -> None:
     counts = {IMAGE_PLACEHOLDER: 0, VIDEO_PLACEHOLDER: 0}
     kinds = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
     for message in sample.messages:
-        for item in _content_items(message["content"]):
+        for item in _content_items(message["content"], sample.origin):
             if item.get("type") in kinds:
                 counts[kinds[item["type"]]] += 1
             for placeholder in counts:

@@ -82,6 +82,11 @@ def _message_text(content: Any, origin: str, image_counter: list[int], num_image
         return content
     if content is None:
         return ""
+    if not isinstance(content, list):
+        raise DataError(
+            f"{origin}: a message content must be a string or a list of parts, got {content!r}.",
+            DataErrorReason.UNSUPPORTED_CONTENT,
+        )
     text = ""
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -104,8 +109,8 @@ def _count_image_parts(messages: list) -> int:
     return sum(
         1
         for message in messages
-        if isinstance(message, dict) and not isinstance(message.get("content"), str)
-        for part in message.get("content") or []
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
         if isinstance(part, dict) and part.get("type") == "image"
     )
 
