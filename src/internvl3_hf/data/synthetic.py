@@ -6,8 +6,10 @@ import random
 
 from PIL import Image, ImageDraw
 
+from ..modeling.chat_template import image_prompt
 from .sources import Sample
 
+COLOUR_QUESTION = "What colour is the square?"
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 30)}
 TEXT_PAIRS = [
     ("Say hello.", "hello"),
@@ -43,7 +45,7 @@ def synthetic_samples(count: int, seed: int = 0, text_share: float = 0.25) -> li
         samples.append(
             Sample(
                 messages=[
-                    {"role": "user", "content": "<image>\nWhat colour is the square?"},
+                    {"role": "user", "content": image_prompt(1, 1) + COLOUR_QUESTION},
                     {"role": "assistant", "content": colour},
                 ],
                 images=[shape_image(colour)],

@@ -39,7 +39,7 @@ from ..data.sources import (
     read_meta,
     resolve_video,
 )
-from ..data.synthetic import COLOURS, shape_image
+from ..data.synthetic import COLOUR_QUESTION, COLOURS, shape_image
 from ..modeling.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def synthetic_preference_pairs(count: int, seed: int = 0, image_size: int = 56) 
         wrong = rng.choice([other for other in colours if other != colour])
         pairs.append(
             PreferencePair(
-                prompt=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nWhat colour is the square?"}],
+                prompt=[{"role": "user", "content": image_prompt(1, 1) + COLOUR_QUESTION}],
                 chosen=f"The square is {colour}.",
                 rejected=f"The square is {wrong}.",
                 images=[shape_image(colour, image_size)],
