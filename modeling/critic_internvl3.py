@@ -26,7 +26,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .chat_internvl3 import END_OF_TURN
-from .chat_template import CHAT_TEMPLATE
+from .chat_template import CHAT_TEMPLATE, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN
 
 # Verbatim `PRM_SYSTEM_PROMPT` of `internvl_chat/tools/reasoning_data_pipeline/utils/constants.py`.
 PRM_SYSTEM_PROMPT = """\
@@ -49,7 +49,6 @@ Your task is to verify the accuracy and correctness of each step in the given so
 
 STEP_SEPARATOR = "\n\n"
 GOOD, BAD = "+", "-"
-IMAGE_PLACEHOLDER = "<image>"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 # `select_best_response(version=...)`: the official soft versions. `soft` (one pass per step) and `soft_v2` (one
 # pass for all steps) read the same logits; `orm_soft` scores the whole response as one step.
@@ -149,11 +148,11 @@ class AnswerReader:
 
     def read_positions(self, input_ids: Sequence[int]) -> list[int]:
         """Positions whose logits predict each step's answer."""
-        width = len(self.pattern)
+        first, width = self.pattern[0], len(self.pattern)
         return [
             start + len(self.header) - 1
-            for start in range(len(input_ids) - width + 1)
-            if list(input_ids[start : start + width]) == self.pattern
+            for start, token in enumerate(input_ids)
+            if token == first and list(input_ids[start : start + width]) == self.pattern
         ]
 
     def good_probability(self, logits: torch.Tensor) -> torch.Tensor:
@@ -186,9 +185,9 @@ class InternVLCriticMixin:
         max_steps: int | None = None,
         return_scores: bool = False,
         version: str = "soft_v2",
-        IMG_START_TOKEN: str = "<img>",
-        IMG_END_TOKEN: str = "</img>",
-        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
         verbose: bool = False,
     ) -> list[str] | list[tuple[str, float]]:
         """The responses sorted by critic score, best first (ties keep their order); `(response, score)` pairs
@@ -221,7 +220,7 @@ class InternVLCriticMixin:
         *,
         max_steps: int | None = None,
         orm: bool = False,
-        image_tokens: tuple[str, str, str] = ("<img>", "</img>", "<IMG_CONTEXT>"),
+        image_tokens: tuple[str, str, str] = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN),
         verbose: bool = False,
     ) -> list[float]:
         """The mean step score of each response, in `response_list` order (one forward pass per response, the

@@ -16,6 +16,8 @@ from internvl3_hf.best_of_n import (
     render_critic_prompt,
     split_steps,
 )
+from internvl3_hf.best_of_n import prm
+from internvl3_hf.best_of_n.prm import expand_image_placeholders
 
 QUESTION = "How many shapes are in the image?"
 THREE_STEPS = "Step 1: count the red shapes.\n\nStep 2: count the blue shapes.\n\nStep 3: add them. The answer is 5."
@@ -188,9 +190,73 @@ def test_the_shared_prefix_goes_through_the_critic_once(critic, image, mode):
     common = next(i for i, ids in enumerate(zip(*(row.input_ids for row in rows))) if len(set(ids)) > 1)
     assert common < min(row.read_positions[0] for row in rows)
     assert shapes[0] == (1, common)
-    # Every later pass feeds candidate tokens only: none re-encodes the prefix.
-    longest = max(len(row.input_ids) for row in rows)
-    assert len(shapes) > 1 and all(length <= longest - common for _, length in shapes[1:])
+    # Every later pass feeds candidate tokens only: none re-encodes the prefix. `single_forward` packs each batch
+    # of candidates into one row (sdpa), each up to its last answer position; `per_step` feeds padded chunks.
+    assert len(shapes) > 1
+    if mode == "single_forward":
+        assert {batch for batch, _ in shapes[1:]} == {1}
+        assert sum(length for _, length in shapes[1:]) == sum(row.read_positions[-1] + 1 - common for row in rows)
+    else:
+        longest = max(len(row.input_ids) for row in rows)
+        assert all(length <= longest - common for _, length in shapes[1:])
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_candidates_score_as_one_row_per_candidate(model_factory, processor, image, monkeypatch,
+                                                          attn_implementation):  # fmt: skip
+    """`single_forward` packs a batch's candidates into one row under a block mask (eager and sdpa); the scores are
+    those of one padded row per candidate on copies of the prefix cache (what other backends run)."""
+    critic = VisualPRM(model_factory(seed=7, attn_implementation=attn_implementation), processor, batch_size=3)
+    questions, responses, images = [QUESTION, "Hello?"], [RESPONSES, RESPONSES[1:3]], [[image], None]
+    packed = critic.score_many(questions, responses, images)
+    again = critic.score_many(questions, responses, images)  # the prefix cache was cut back after each batch
+    monkeypatch.setattr(prm, "PACKING_BACKENDS", ())
+    rows = critic.score_many(questions, responses, images)
+    for first, second, reference in zip(packed, again, rows):
+        for a, b, c in zip(first, second, reference):
+            assert a.steps == c.steps and a.step_scores == b.step_scores
+            torch.testing.assert_close(torch.tensor(a.step_scores), torch.tensor(c.step_scores), atol=1e-5, rtol=0)
+
+
+def test_a_question_continues_the_system_prompt_of_the_previous_one(critic, image):
+    """The text the questions' prefixes share (system prompt, `### Question:`) goes through the critic once per
+    `score_many` call; each question then feeds its own image and question, and scores as when scored alone."""
+    other = "Which shape is largest?"
+    rows = [[critic.tokenize(question, response, [3]) for response in RESPONSES[:2]] for question in (QUESTION, other)]
+    prefix_ends = [
+        next(i for i, ids in enumerate(zip(*(row.input_ids for row in group))) if len(set(ids)) > 1) for group in rows
+    ]
+    # The first rows agree beyond the image start (same `<IMG_CONTEXT>` ids), but the image features differ.
+    image_start = rows[1][0].input_ids.index(critic.model.config.image_token_id)
+    assert rows[0][0].input_ids[: image_start + 1] == rows[1][0].input_ids[: image_start + 1]
+    shapes, hook = record_llm_inputs(critic)
+    try:
+        together = critic.score_many([QUESTION, other], [RESPONSES[:2]] * 2, [[image], [image.rotate(90)]])
+    finally:
+        hook.remove()
+    # First question: its whole prefix, then its two candidates packed in one pass; second: its prefix from the
+    # image on, then its candidates.
+    assert shapes[0] == (1, prefix_ends[0]) and shapes[2] == (1, prefix_ends[1] - image_start) and len(shapes) == 4
+    alone = [critic.score(QUESTION, RESPONSES[:2], image), critic.score(other, RESPONSES[:2], image.rotate(90))]
+    for batched, single in zip(together, alone):
+        for a, b in zip(batched, single):
+            torch.testing.assert_close(torch.tensor(a.step_scores), torch.tensor(b.step_scores), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("orm", [False, True])
+@pytest.mark.parametrize("tiles", [[3], [], [2, 3]])
+def test_tokenize_many_tokenizes_each_conversation_as_a_whole(critic, processor, tiles, orm):
+    """The shared start of the conversations is tokenized once; every row equals the tokenizer's ids for its whole
+    text, whatever the response starts with (newlines, spaces, a literal `<image>`, non-ASCII, nothing)."""
+    responses = ["\n\nStep 1.\n\nStep 2.", " leading space", "<image> as text", "αβγ — 答案：3", "", "x\n\n"]
+    question = "Image-1 and Image-2: which is larger?" if len(tiles) > 1 else QUESTION
+    encoded = critic.tokenize_many(question, responses, tiles, orm=orm)
+    for response, row in zip(responses, encoded):
+        steps = [response] if orm else split_steps(response)
+        text = render_critic_prompt(processor, question, steps, len(tiles))
+        text = expand_image_placeholders(text, tiles, processor)
+        assert row.input_ids == processor.tokenizer(text)["input_ids"]
+        assert row.steps == steps and len(row.read_positions) == len(steps)
 
 
 def test_v2pe_auto_rows_with_different_strides_share_only_the_text_before_the_image(

@@ -21,11 +21,15 @@ split and the score reading live in `modeling/critic_internvl3.py`, which checkp
 
 Per question, the images are tiled and encoded by the ViT once (the features reach the model as pre-computed
 `mm_encoder_outputs`), and the conversation prefix all candidates share (system prompt, image tokens, question)
-goes through the critic once: its KV cache serves every candidate row, which then feeds only its own steps.
+goes through the critic once: its KV cache serves every candidate row, which then feeds only its own steps. The
+system prompt runs once per call, as every question's prefix starts with it. Under eager and sdpa attention,
+`single_forward` packs a batch of candidates into one row after the prefix (a block mask keeps them apart), so
+the prefix's keys and values are neither copied nor read once per candidate.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -37,9 +41,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..chat import user_turn
 from ..modeling import critic_internvl3 as core
+from ..modeling.chat_internvl3 import END_OF_TURN
+from ..modeling.chat_template import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN
 from ..modeling.critic_internvl3 import (
     AGGREGATIONS,
-    IMAGE_PLACEHOLDER,
     PRM_SYSTEM_PROMPT,
     STEP_SEPARATOR,
     AnswerReader,
@@ -48,12 +53,12 @@ from ..modeling.critic_internvl3 import (
     split_steps,
 )
 
-# The official VisualPRM data pipeline's `--max-steps` (how its training solutions were merged). Scoring merges
-# nothing by default, as the official `select_best_response` does.
-DEFAULT_MAX_STEPS = 12
 # Text that would break the conversation or the image-token bookkeeping if it appeared inside a question or step.
-_RESERVED_STRINGS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
+_RESERVED_STRINGS = ("<|im_start|>", END_OF_TURN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 
+# Attention backends that take a ready 4D float mask: `single_forward` packs a batch's rows into one row there (the
+# flash attention kernels know only causal segments, and flex_attention wants a BlockMask: one row per candidate).
+PACKING_BACKENDS = ("eager", "sdpa")
 ScoringMode = Literal["single_forward", "per_step"]
 SCORING_MODES = ("single_forward", "per_step")
 
@@ -190,6 +195,12 @@ class VisualPRM:
         tokenizer = processor.tokenizer
         self.reader = AnswerReader(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id works
+        # Added tokens that split text cleanly (no whitespace stripping around them): tokenization restarts there.
+        self._split_tokens = [
+            token.content
+            for token in tokenizer.added_tokens_decoder.values()
+            if not (token.lstrip or token.rstrip or token.single_word)
+        ]
 
     # ----------------------------------------------------------------------------------------- public API
     def score(
@@ -221,7 +232,8 @@ class VisualPRM:
 
         Per question, the images are tiled and encoded once, and the conversation prefix every candidate shares
         (system prompt, image tokens, question) goes through the critic once; its KV cache then serves all the
-        candidate rows, which are scored in batches of `batch_size`.
+        candidate rows, which are scored in batches of `batch_size`. The text a question's prefix shares with the
+        previous question's (the system prompt) is not run again: that part of the previous cache is kept.
         """
         mode = mode or self.mode
         if mode not in SCORING_MODES:
@@ -233,11 +245,11 @@ class VisualPRM:
             )
         for group in responses:
             self._check_responses(group)
-        results = []
+        results, previous = [], None
         for question, group, question_images in zip(questions, responses, images):
             features, tiles = self._encode_images(as_image_list(question_images))
-            rows = [self.tokenize(question, response, tiles, orm=orm) for response in group]
-            step_scores = self._score_question(rows, features, mode)
+            rows = self.tokenize_many(question, group, tiles, orm=orm)
+            step_scores, previous = self._score_question(rows, features, mode, previous)
             results.append(
                 [
                     CriticScore(row.steps, scores, aggregate_step_scores(scores, self.aggregation))
@@ -268,22 +280,61 @@ class VisualPRM:
         self, question: str, response: str, tiles_per_image: Sequence[int] = (), *, orm: bool = False
     ) -> CriticInput:
         """The critic conversation for `response` as token ids, for images of `tiles_per_image` tiles each."""
+        return self.tokenize_many(question, [response], tiles_per_image, orm=orm)[0]
+
+    def tokenize_many(
+        self, question: str, responses: Sequence[str], tiles_per_image: Sequence[int] = (), *, orm: bool = False
+    ) -> list[CriticInput]:
+        """`tokenize` for each of the `responses` to one question; the text their conversations share (system
+        prompt, image tokens) is tokenized once."""
         check_critic_text(question, "question")
-        check_critic_text(response, "response", placeholder_allowed=True)  # plain text there, never expanded
-        steps = [response] if orm else split_steps(response, self.max_steps)
-        text = render_critic_prompt(self.processor, question, steps, len(tiles_per_image))
-        text = expand_image_placeholders(text, tiles_per_image, self.processor)
-        input_ids = self.processor.tokenizer(text)["input_ids"]
-        read_positions = self.reader.read_positions(input_ids)
-        if len(read_positions) != len(steps):
-            raise ValueError(f"Found {len(read_positions)} answer turns for {len(steps)} steps in the critic prompt.")
-        return CriticInput(steps, input_ids, read_positions)
+        rows = []
+        for response in responses:
+            check_critic_text(response, "response", placeholder_allowed=True)  # plain text there, never expanded
+            rows.append([response] if orm else split_steps(response, self.max_steps))
+        texts = [
+            expand_image_placeholders(
+                render_critic_prompt(self.processor, question, steps, len(tiles_per_image)), tiles_per_image,
+                self.processor,
+            )
+            for steps in rows
+        ]  # fmt: skip
+        inputs = []
+        for steps, input_ids in zip(rows, self._token_ids(texts)):
+            read_positions = self.reader.read_positions(input_ids)
+            if len(read_positions) != len(steps):
+                raise ValueError(
+                    f"Found {len(read_positions)} answer turns for {len(steps)} steps in the critic prompt."
+                )
+            inputs.append(CriticInput(steps, input_ids, read_positions))
+        return inputs
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as `tokenizer(text)` gives them.
+
+        A tokenizer splits its text at added tokens such as `<|im_end|>` or `</img>` before anything else, so the
+        text up to the last added token that all `texts` share tokenizes alone: it is tokenized once (in the first
+        row) and only the rest of each row is tokenized. Should the first row not split that way (a tokenizer that
+        appends tokens at the end), every row is tokenized whole.
+        """
+        tokenizer = self.processor.tokenizer
+        split = _shared_split(texts, self._split_tokens) if len(texts) > 1 else 0
+        if split == 0:
+            return tokenizer(texts)["input_ids"]
+        first = tokenizer(texts[0])["input_ids"]
+        rests = tokenizer([text[split:] for text in texts], add_special_tokens=False)["input_ids"]
+        shared = len(first) - len(rests[0])
+        if shared < 0 or first[shared:] != rests[0]:
+            return tokenizer(texts)["input_ids"]
+        return [first[:shared] + rest for rest in rests]
 
     # ----------------------------------------------------------------------------------------- scoring
     def _score_question(
-        self, rows: list[CriticInput], features: torch.Tensor | None, mode: ScoringMode
-    ) -> list[list[float]]:
-        """Step scores of one question's rows: the shared prefix once, then the rest in batches (longest first)."""
+        self, rows: list[CriticInput], features: torch.Tensor | None, mode: ScoringMode, previous: _Prefix | None
+    ) -> tuple[list[list[float]], _Prefix | None]:
+        """Step scores of one question's rows: the shared prefix once (continuing the part of the `previous`
+        question's prefix cache it shares), then the rest in batches (longest first). Returns the scores and this
+        question's prefix for the next question."""
         device = self.model.device
         input_ids, mask = pad_rows([row.input_ids for row in rows], self.pad_id, "right", torch.long, device)
         position_ids, positions = row_positions(self.model, input_ids, mask)
@@ -291,21 +342,30 @@ class VisualPRM:
         shared = _shared_prefix_length(rows, input_ids, positions, image_mask)
         images = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features is not None else None
         images_in_prefix = bool(image_mask[:shared].any())
-        prefix_cache = None
+        prefix = None
         if shared:
-            prefix_cache = DynamicCache(config=self.model.config.get_text_config())
-            self.model.model(
-                input_ids=input_ids[:1, :shared],
-                attention_mask=mask[:1, :shared],
-                position_ids=position_ids[:1, :shared],
-                rope_position_ids=positions[:1, :shared],
-                past_key_values=prefix_cache,
-                use_cache=True,
-                mm_encoder_outputs=images if images_in_prefix else None,
-            )
+            kept = previous.keep_shared(input_ids[0, :shared], positions[0, :shared], image_mask) if previous else 0
+            cache = previous.cache if kept else DynamicCache(config=self.model.config.get_text_config())
+            if kept < shared:
+                self.model.model(
+                    input_ids=input_ids[:1, kept:shared],
+                    attention_mask=mask[:1, :shared],
+                    position_ids=position_ids[:1, kept:shared],
+                    rope_position_ids=positions[:1, kept:shared],
+                    past_key_values=cache,
+                    use_cache=True,
+                    mm_encoder_outputs=images if images_in_prefix else None,
+                )
+            prefix = _Prefix(input_ids[0, :shared], positions[0, :shared], cache)
+        prefix_cache = prefix.cache if prefix is not None else None
+        backend = self.model.config.get_text_config()._attn_implementation
+        packed = mode == "single_forward" and prefix_cache is not None and backend in PACKING_BACKENDS
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index].input_ids))
         results: list[list[float]] = [[] for _ in rows]
-        score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
+        if packed:
+            score_batch = self._score_packed
+        else:
+            score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             batch = _Batch(
@@ -315,20 +375,21 @@ class VisualPRM:
                 position_ids=position_ids[indices],
                 positions=positions[indices],
                 shared=shared,
-                cache=_repeat_cache(prefix_cache, len(indices)),
+                cache=prefix_cache if packed else _repeat_cache(prefix_cache, len(indices)),
                 images=None if images_in_prefix else _repeat_images(images, len(indices)),
             )
             for index, scores in zip(indices, score_batch(batch)):
                 results[index] = scores
-        return results
+        return results, prefix
 
     def _good_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(`+`) renormalised over {`+`, `-`} from final hidden states `(n, hidden)`."""
         return self.reader.good_probability(self.model.get_output_embeddings()(hidden))
 
     def _score_single_forward(self, batch: _Batch) -> list[list[float]]:
-        """Everything after the shared prefix in one pass; logits read at every answer position."""
-        end = max(len(row.input_ids) for row in batch.rows)
+        """Everything after the shared prefix up to the last answer position in one pass; logits read at every
+        answer position."""
+        end = max(row.read_positions[-1] for row in batch.rows) + 1
         hidden = self.model.model(
             input_ids=batch.input_ids[:, batch.shared : end],
             attention_mask=batch.mask[:, :end],
@@ -340,6 +401,38 @@ class VisualPRM:
         row_index = [index for index, row in enumerate(batch.rows) for _ in row.read_positions]
         read_at = [position - batch.shared for row in batch.rows for position in row.read_positions]
         probabilities = self._good_probability(hidden[row_index, read_at]).tolist()
+        scores, start = [], 0
+        for row in batch.rows:
+            scores.append(probabilities[start : start + len(row.steps)])
+            start += len(row.steps)
+        return scores
+
+    def _score_packed(self, batch: _Batch) -> list[list[float]]:
+        """`_score_single_forward` with the rows' spans after the shared prefix packed into one row on the prefix
+        cache itself: a block mask lets each span see the prefix and its own earlier tokens, and each token keeps
+        its position in its full row. The prefix's keys and values are neither copied per row nor read once per
+        row, and no padding runs; the cache is cut back to the prefix afterwards."""
+        spans = [(batch.shared, row.read_positions[-1] + 1) for row in batch.rows]
+        lengths = [end - start for start, end in spans]
+
+        def packed(values: torch.Tensor) -> torch.Tensor:
+            return torch.cat([row[start:end] for row, (start, end) in zip(values, spans)])[None]
+
+        dtype = self.model.dtype
+        try:
+            hidden = self.model.model(
+                input_ids=packed(batch.input_ids),
+                attention_mask=_packed_mask(lengths, batch.shared, dtype, self.model.device),
+                position_ids=packed(batch.position_ids),
+                rope_position_ids=packed(batch.positions),
+                past_key_values=batch.cache,
+                mm_encoder_outputs=batch.images,
+            ).last_hidden_state[0]
+        finally:
+            batch.cache.crop(-sum(lengths))
+        offsets = [sum(lengths[:index]) - batch.shared for index in range(len(lengths))]
+        read_at = [offset + position for row, offset in zip(batch.rows, offsets) for position in row.read_positions]
+        probabilities = self._good_probability(hidden[read_at]).tolist()
         scores, start = [], 0
         for row in batch.rows:
             scores.append(probabilities[start : start + len(row.steps)])
@@ -392,7 +485,7 @@ class _Batch:
     """Candidate rows of one question scored together, in full-row (right-padded) coordinates.
 
     `shared` leading tokens are common to every row and already in `cache` (a per-batch copy of the prefix
-    cache); `images` holds the rows' image features when no prefix took them. `position_ids` are the integer
+    cache; the prefix cache itself for packed rows); `images` holds the rows' image features when no prefix took them. `position_ids` are the integer
     positions, `positions` the rotary ones.
     """
 
@@ -404,6 +497,44 @@ class _Batch:
     shared: int
     cache: DynamicCache | None
     images: dict | None
+
+
+@dataclass
+class _Prefix:
+    """A question's shared prefix: its token ids and rotary positions `(length,)`, and the KV cache holding them."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+
+    def keep_shared(self, input_ids: torch.Tensor, positions: torch.Tensor, image_mask: torch.Tensor) -> int:
+        """Cut the cache to the leading tokens it shares with the next question's prefix `input_ids` (same ids at
+        the same positions, before that prefix's first image token: image features differ per question) and
+        return their count (0: nothing to keep)."""
+        if not self.cache.is_croppable:
+            return 0
+        limit = min(len(self.input_ids), len(input_ids))
+        image_positions = image_mask[:limit].nonzero()
+        if len(image_positions):
+            limit = int(image_positions[0])
+        same = (input_ids[:limit] == self.input_ids[:limit]) & (positions[:limit] == self.positions[:limit])
+        differing = (~same).nonzero()
+        kept = int(differing[0]) if len(differing) else limit
+        if kept:
+            self.cache.crop(kept - len(self.input_ids))  # a negative count: the tokens dropped from the end
+        return kept
+
+
+def _packed_mask(lengths: Sequence[int], shared: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive `(1, 1, total, shared + total)` mask for spans of `lengths` tokens packed after a `shared`-token
+    prefix: each token sees the prefix and the earlier tokens of its own span."""
+    total = sum(lengths)
+    span = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    own = (span[:, None] == span[None, :]).tril_()
+    visible = torch.cat([own.new_ones(total, shared), own], dim=1)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)[
+        None, None
+    ]
 
 
 def _shared_prefix_length(
@@ -422,6 +553,13 @@ def _shared_prefix_length(
     if len(image_positions) and shared <= int(image_positions[-1]):
         shared = min(shared, int(image_positions[0]))
     return shared
+
+
+def _shared_split(texts: list[str], split_tokens: Sequence[str]) -> int:
+    """Length of the longest start all `texts` share that ends with one of `split_tokens` (0 if none does)."""
+    common = len(os.path.commonprefix(texts))
+    ends = (texts[0].rfind(token, 0, common) + len(token) for token in split_tokens)
+    return max((end for end, token in zip(ends, split_tokens) if end >= len(token)), default=0)
 
 
 def _repeat_cache(cache: DynamicCache | None, rows: int) -> DynamicCache | None:
@@ -453,7 +591,6 @@ __all__ = [
     "AGGREGATIONS",
     "CriticInput",
     "CriticScore",
-    "DEFAULT_MAX_STEPS",
     "PRM_SYSTEM_PROMPT",
     "STEP_SEPARATOR",
     "VisualPRM",
