@@ -155,9 +155,15 @@ class AnswerReader:
             if token == first and list(input_ids[start : start + width]) == self.pattern
         ]
 
-    def good_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """P(`+`) renormalised over {`+`, `-`} from vocabulary logits `(n, vocab)`."""
-        return logits[:, [self.good_id, self.bad_id]].float().softmax(-1)[:, 0]
+    def good_probability(self, hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        """P(`+`) renormalised over {`+`, `-`} from final hidden states `(n, hidden)` and the LM head. A plain linear
+        head computes only its `+` and `-` rows: the rest of the vocabulary would be thrown away."""
+        ids = [self.good_id, self.bad_id]
+        if type(head) is torch.nn.Linear:  # subclasses (quantized layers) may store their weight otherwise
+            logits = torch.nn.functional.linear(hidden, head.weight[ids], None if head.bias is None else head.bias[ids])
+        else:
+            logits = head(hidden)[:, ids]
+        return logits.float().softmax(-1)[:, 0]
 
 
 def aggregate_step_scores(step_scores: Sequence[float], method: str = "mean") -> float:
@@ -262,7 +268,7 @@ class InternVLCriticMixin:
             hidden = self.model(
                 input_ids=torch.tensor([input_ids], device=self.device), mm_encoder_outputs=images
             ).last_hidden_state[0, positions]
-            step_scores = reader.good_probability(self.get_output_embeddings()(hidden)).tolist()
+            step_scores = reader.good_probability(hidden, self.get_output_embeddings()).tolist()
             scores.append(aggregate_step_scores(step_scores))
         return scores
 

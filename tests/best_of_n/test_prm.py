@@ -156,6 +156,22 @@ def test_text_only_and_v2pe_critics_agree_with_the_reference(
             torch.testing.assert_close(torch.tensor(b.step_scores), torch.tensor(reference), atol=1e-5, rtol=0)
 
 
+def test_good_probability_computes_only_the_verdict_rows_of_a_plain_linear_head(critic):
+    head, reader = critic.model.get_output_embeddings(), critic.reader
+    hidden = torch.randn(5, head.in_features)
+    expected = head(hidden)[:, [reader.good_id, reader.bad_id]].softmax(-1)[:, 0]
+    torch.testing.assert_close(reader.good_probability(hidden, head), expected, atol=1e-6, rtol=0)
+
+    class Doubled(torch.nn.Linear):  # a subclass (say a quantized layer) is called as it is
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(head.in_features, head.out_features, bias=False)
+    doubled.weight = head.weight
+    expected = (2 * head(hidden)[:, [reader.good_id, reader.bad_id]]).softmax(-1)[:, 0]
+    torch.testing.assert_close(reader.good_probability(hidden, doubled), expected, atol=1e-6, rtol=0)
+
+
 def full_row_scores(critic: VisualPRM, processor, question: str, response: str, images: list) -> list[float]:
     """P(`+`) at each answer position of the whole conversation, from one plain forward of the model on it."""
     encoded = critic.tokenize(question, response, [3] * len(images))

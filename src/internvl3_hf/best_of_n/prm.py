@@ -384,7 +384,7 @@ class VisualPRM:
 
     def _good_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(`+`) renormalised over {`+`, `-`} from final hidden states `(n, hidden)`."""
-        return self.reader.good_probability(self.model.get_output_embeddings()(hidden))
+        return self.reader.good_probability(hidden, self.model.get_output_embeddings())
 
     def _score_single_forward(self, batch: _Batch) -> list[list[float]]:
         """Everything after the shared prefix up to the last answer position in one pass; logits read at every
