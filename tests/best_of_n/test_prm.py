@@ -234,6 +234,21 @@ def test_packed_candidates_score_as_one_row_per_candidate(model_factory, process
             torch.testing.assert_close(torch.tensor(a.step_scores), torch.tensor(c.step_scores), atol=1e-5, rtol=0)
 
 
+def test_candidates_longer_than_their_prefix_get_one_row_each(critic, processor, image):
+    """Packing stops paying once the candidates outgrow the prefix (the masked attention between them grows
+    quadratically): such a batch runs one padded row per candidate, with the same scores."""
+    responses = ["word " * 300 + "\n\nso 5", THREE_STEPS]
+    shapes, hook = record_llm_inputs(critic)
+    try:
+        scores = critic.score(QUESTION, responses, [image])
+    finally:
+        hook.remove()
+    assert len(shapes) == 2 and shapes[1][0] == 2
+    for response, score in zip(responses, scores):
+        expected = full_row_scores(critic, processor, QUESTION, response, [image])
+        torch.testing.assert_close(torch.tensor(score.step_scores), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
 def test_a_question_continues_the_system_prompt_of_the_previous_one(critic, image):
     """The text the questions' prefixes share (system prompt, `### Question:`) goes through the critic once per
     `score_many` call; each question then feeds its own image and question, and scores as when scored alone."""

@@ -23,8 +23,9 @@ Per question, the images are tiled and encoded by the ViT once (the features rea
 `mm_encoder_outputs`), and the conversation prefix all candidates share (system prompt, image tokens, question)
 goes through the critic once: its KV cache serves every candidate row, which then feeds only its own steps. The
 system prompt runs once per call, as every question's prefix starts with it. Under eager and sdpa attention,
-`single_forward` packs a batch of candidates into one row after the prefix (a block mask keeps them apart), so
-the prefix's keys and values are neither copied nor read once per candidate.
+`single_forward` packs a batch of candidates into one row after the prefix (a block mask keeps them apart) while
+they are together no longer than the prefix, so its keys and values are neither copied nor read once per
+candidate.
 """
 
 from __future__ import annotations
@@ -359,17 +360,17 @@ class VisualPRM:
             prefix = _Prefix(input_ids[0, :shared], positions[0, :shared], cache)
         prefix_cache = prefix.cache if prefix is not None else None
         backend = self.model.config.get_text_config()._attn_implementation
-        packed = mode == "single_forward" and prefix_cache is not None and backend in PACKING_BACKENDS
+        can_pack = mode == "single_forward" and prefix_cache is not None and backend in PACKING_BACKENDS
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index].input_ids))
         results: list[list[float]] = [[] for _ in rows]
-        if packed:
-            score_batch = self._score_packed
-        else:
-            score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
+            batch_rows = [rows[index] for index in indices]
+            # A packed row also computes attention between different candidates' tokens (masked out): worth it
+            # while the candidates together are no longer than the prefix they would otherwise each copy and read.
+            packed = can_pack and sum(row.read_positions[-1] + 1 - shared for row in batch_rows) <= shared
             batch = _Batch(
-                rows=[rows[index] for index in indices],
+                rows=batch_rows,
                 input_ids=input_ids[indices],
                 mask=mask[indices],
                 position_ids=position_ids[indices],
@@ -378,6 +379,10 @@ class VisualPRM:
                 cache=prefix_cache if packed else _repeat_cache(prefix_cache, len(indices)),
                 images=None if images_in_prefix else _repeat_images(images, len(indices)),
             )
+            if packed:
+                score_batch = self._score_packed
+            else:
+                score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
             for index, scores in zip(indices, score_batch(batch)):
                 results[index] = scores
         return results, prefix
