@@ -10,7 +10,8 @@ locally, no download):
 - naive loop: per candidate, one `generate` (one sample) and one critic call (tiling and ViT included each time);
 - batched, prefill x N: one `generate` for all questions with `num_return_sequences=N` (the vision tower once per
   batch, but every prompt prefilled N times), then one `VisualPRM.score_many` call (per question: images tiled and
-  encoded once, the conversation prefix shared by the candidates encoded once, candidates in critic batches);
+  encoded once, the conversation prefix shared by the candidates encoded once, its system prompt once per call,
+  each critic batch of candidates packed into one row after it);
 - batched, shared prefill (what `best_of_n` runs): each prompt prefilled once, its KV cache repeated N times, then
   the same sampling; the critic in its single-forward and per-step scoring modes.
 

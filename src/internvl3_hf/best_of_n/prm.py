@@ -423,7 +423,7 @@ class VisualPRM:
         def packed(values: torch.Tensor) -> torch.Tensor:
             return torch.cat([row[start:end] for row, (start, end) in zip(values, spans)])[None]
 
-        dtype = self.model.dtype
+        dtype = self.model.get_input_embeddings().weight.dtype  # the language model's (the ViT's may differ)
         try:
             hidden = self.model.model(
                 input_ids=packed(batch.input_ids),
@@ -490,8 +490,8 @@ class _Batch:
     """Candidate rows of one question scored together, in full-row (right-padded) coordinates.
 
     `shared` leading tokens are common to every row and already in `cache` (a per-batch copy of the prefix
-    cache; the prefix cache itself for packed rows); `images` holds the rows' image features when no prefix took them. `position_ids` are the integer
-    positions, `positions` the rotary ones.
+    cache; the prefix cache itself for packed rows); `images` holds the rows' image features when no prefix took
+    them. `position_ids` are the integer positions, `positions` the rotary ones.
     """
 
     rows: list[CriticInput]
