@@ -345,19 +345,8 @@ class VisualPRM:
         images_in_prefix = bool(image_mask[:shared].any())
         prefix = None
         if shared:
-            kept = previous.keep_shared(input_ids[0, :shared], positions[0, :shared], image_mask) if previous else 0
-            cache = previous.cache if kept else DynamicCache(config=self.model.config.get_text_config())
-            if kept < shared:
-                self.model.model(
-                    input_ids=input_ids[:1, kept:shared],
-                    attention_mask=mask[:1, :shared],
-                    position_ids=position_ids[:1, kept:shared],
-                    rope_position_ids=positions[:1, kept:shared],
-                    past_key_values=cache,
-                    use_cache=True,
-                    mm_encoder_outputs=images if images_in_prefix else None,
-                )
-            prefix = _Prefix(input_ids[0, :shared], positions[0, :shared], cache)
+            row = (input_ids[:1, :shared], mask[:1, :shared], position_ids[:1, :shared], positions[:1, :shared])
+            prefix = self._prefix_pass(*row, images if images_in_prefix else None, image_mask, previous)
         prefix_cache = prefix.cache if prefix is not None else None
         backend = self.model.config.get_text_config()._attn_implementation
         can_pack = mode == "single_forward" and prefix_cache is not None and backend in PACKING_BACKENDS
@@ -387,6 +376,32 @@ class VisualPRM:
                 results[index] = scores
         return results, prefix
 
+    def _prefix_pass(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        positions: torch.Tensor,
+        images: dict | None,
+        image_mask: torch.Tensor,
+        previous: _Prefix | None,
+    ) -> _Prefix:
+        """Run the shared prefix `(1, shared)` through the critic into a KV cache, starting after the leading
+        tokens the `previous` question's prefix cache already holds."""
+        kept = previous.keep_shared(input_ids[0], positions[0], image_mask) if previous else 0
+        cache = previous.cache if kept else DynamicCache(config=self.model.config.get_text_config())
+        if kept < input_ids.shape[1]:
+            self.model.model(
+                input_ids=input_ids[:, kept:],
+                attention_mask=mask,
+                position_ids=position_ids[:, kept:],
+                rope_position_ids=positions[:, kept:],
+                past_key_values=cache,
+                use_cache=True,
+                mm_encoder_outputs=images,
+            )
+        return _Prefix(input_ids[0], positions[0], cache)
+
     def _good_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(`+`) renormalised over {`+`, `-`} from final hidden states `(n, hidden)`."""
         return self.reader.good_probability(hidden, self.model.get_output_embeddings())
@@ -405,12 +420,7 @@ class VisualPRM:
         ).last_hidden_state
         row_index = [index for index, row in enumerate(batch.rows) for _ in row.read_positions]
         read_at = [position - batch.shared for row in batch.rows for position in row.read_positions]
-        probabilities = self._good_probability(hidden[row_index, read_at]).tolist()
-        scores, start = [], 0
-        for row in batch.rows:
-            scores.append(probabilities[start : start + len(row.steps)])
-            start += len(row.steps)
-        return scores
+        return _per_row(batch.rows, self._good_probability(hidden[row_index, read_at]).tolist())
 
     def _score_packed(self, batch: _Batch) -> list[list[float]]:
         """`_score_single_forward` with the rows' spans after the shared prefix packed into one row on the prefix
@@ -437,12 +447,7 @@ class VisualPRM:
             batch.cache.crop(-sum(lengths))
         offsets = [sum(lengths[:index]) - batch.shared for index in range(len(lengths))]
         read_at = [offset + position for row, offset in zip(batch.rows, offsets) for position in row.read_positions]
-        probabilities = self._good_probability(hidden[read_at]).tolist()
-        scores, start = [], 0
-        for row in batch.rows:
-            scores.append(probabilities[start : start + len(row.steps)])
-            start += len(row.steps)
-        return scores
+        return _per_row(batch.rows, self._good_probability(hidden[read_at]).tolist())
 
     def _score_per_step(self, batch: _Batch) -> list[list[float]]:
         """One pass per step: step k feeds the tokens after step k-1's answer position up to its own, on the cache.
@@ -528,6 +533,14 @@ class _Prefix:
         if kept:
             self.cache.crop(kept - len(self.input_ids))  # a negative count: the tokens dropped from the end
         return kept
+
+
+def _per_row(rows: Sequence[CriticInput], probabilities: list[float]) -> list[list[float]]:
+    """Step scores listed row after row, split into one list per row."""
+    starts = [0]
+    for row in rows:
+        starts.append(starts[-1] + len(row.steps))
+    return [probabilities[start:end] for start, end in zip(starts, starts[1:])]
 
 
 def _packed_mask(lengths: Sequence[int], shared: int, dtype: torch.dtype, device) -> torch.Tensor:
