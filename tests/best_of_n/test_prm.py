@@ -206,23 +206,24 @@ def test_the_shared_prefix_goes_through_the_critic_once(critic, image, mode):
     common = next(i for i, ids in enumerate(zip(*(row.input_ids for row in rows))) if len(set(ids)) > 1)
     assert common < min(row.read_positions[0] for row in rows)
     assert shapes[0] == (1, common)
-    # Every later pass feeds candidate tokens only: none re-encodes the prefix. `single_forward` packs each batch
-    # of candidates into one row (sdpa), each up to its last answer position; `per_step` feeds padded chunks.
-    assert len(shapes) > 1
-    if mode == "single_forward":
-        assert {batch for batch, _ in shapes[1:]} == {1}
-        assert sum(length for _, length in shapes[1:]) == sum(row.read_positions[-1] + 1 - common for row in rows)
-    else:
-        longest = max(len(row.input_ids) for row in rows)
-        assert all(length <= longest - common for _, length in shapes[1:])
+    # Every later pass feeds candidate tokens only, each once: none re-encodes the prefix. Each batch of
+    # candidates (3, longest first) is packed into one row (sdpa), up to their last answer positions: in one pass
+    # (`single_forward`) or one pass per step of its longest row (`per_step`).
+    assert {batch for batch, _ in shapes[1:]} == {1}
+    assert sum(length for _, length in shapes[1:]) == sum(row.read_positions[-1] + 1 - common for row in rows)
+    batches = [sorted(rows, key=lambda row: -len(row.input_ids))[start : start + 3] for start in (0, 3)]
+    passes = [1 if mode == "single_forward" else max(len(row.steps) for row in batch) for batch in batches]
+    assert len(shapes) == 1 + sum(passes)
 
 
+@pytest.mark.parametrize("mode", ["single_forward", "per_step"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_candidates_score_as_one_row_per_candidate(model_factory, processor, image, monkeypatch,
-                                                          attn_implementation):  # fmt: skip
-    """`single_forward` packs a batch's candidates into one row under a block mask (eager and sdpa); the scores are
-    those of one padded row per candidate on copies of the prefix cache (what other backends run)."""
-    critic = VisualPRM(model_factory(seed=7, attn_implementation=attn_implementation), processor, batch_size=3)
+                                                          attn_implementation, mode):  # fmt: skip
+    """A batch's candidates are packed into one row under a block mask (eager and sdpa); the scores are those of
+    one padded row per candidate on copies of the prefix cache (what other backends run)."""
+    critic = VisualPRM(model_factory(seed=7, attn_implementation=attn_implementation), processor, batch_size=3,
+                       mode=mode)  # fmt: skip
     questions, responses, images = [QUESTION, "Hello?"], [RESPONSES, RESPONSES[1:3]], [[image], None]
     packed = critic.score_many(questions, responses, images)
     again = critic.score_many(questions, responses, images)  # the prefix cache was cut back after each batch

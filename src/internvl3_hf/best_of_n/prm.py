@@ -22,10 +22,9 @@ split and the score reading live in `modeling/critic_internvl3.py`, which checkp
 Per question, the images are tiled and encoded by the ViT once (the features reach the model as pre-computed
 `mm_encoder_outputs`), and the conversation prefix all candidates share (system prompt, image tokens, question)
 goes through the critic once: its KV cache serves every candidate row, which then feeds only its own steps. The
-system prompt runs once per call, as every question's prefix starts with it. Under eager and sdpa attention,
-`single_forward` packs a batch of candidates into one row after the prefix (a block mask keeps them apart) while
-they are together no longer than the prefix, so its keys and values are neither copied nor read once per
-candidate.
+system prompt runs once per call, as every question's prefix starts with it. Under eager and sdpa attention, a
+batch of candidates is packed into one row after the prefix (a block mask keeps them apart) while they are
+together no longer than the prefix, so its keys and values are neither copied nor read once per candidate.
 """
 
 from __future__ import annotations
@@ -57,8 +56,8 @@ from ..modeling.critic_internvl3 import (
 # Text that would break the conversation or the image-token bookkeeping if it appeared inside a question or step.
 _RESERVED_STRINGS = ("<|im_start|>", END_OF_TURN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 
-# Attention backends that take a ready 4D float mask: `single_forward` packs a batch's rows into one row there (the
-# flash attention kernels know only causal segments, and flex_attention wants a BlockMask: one row per candidate).
+# Attention backends that take a ready 4D float mask: a batch's rows are packed into one row there (the flash
+# attention kernels know only causal segments, and flex_attention wants a BlockMask: one row per candidate).
 PACKING_BACKENDS = ("eager", "sdpa")
 ScoringMode = Literal["single_forward", "per_step"]
 SCORING_MODES = ("single_forward", "per_step")
@@ -349,7 +348,7 @@ class VisualPRM:
             prefix = self._prefix_pass(*row, images if images_in_prefix else None, image_mask, previous)
         prefix_cache = prefix.cache if prefix is not None else None
         backend = self.model.config.get_text_config()._attn_implementation
-        can_pack = mode == "single_forward" and prefix_cache is not None and backend in PACKING_BACKENDS
+        can_pack = prefix_cache is not None and backend in PACKING_BACKENDS
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index].input_ids))
         results: list[list[float]] = [[] for _ in rows]
         for start in range(0, len(order), self.batch_size):
@@ -369,10 +368,12 @@ class VisualPRM:
                 images=None if images_in_prefix else _repeat_images(images, len(indices)),
             )
             if packed:
-                score_batch = self._score_packed
+                batch_scores = self._score_packed(batch, mode)
+            elif mode == "single_forward":
+                batch_scores = self._score_single_forward(batch)
             else:
-                score_batch = self._score_single_forward if mode == "single_forward" else self._score_per_step
-            for index, scores in zip(indices, score_batch(batch)):
+                batch_scores = self._score_per_step(batch)
+            for index, scores in zip(indices, batch_scores):
                 results[index] = scores
         return results, prefix
 
@@ -422,32 +423,59 @@ class VisualPRM:
         read_at = [position - batch.shared for row in batch.rows for position in row.read_positions]
         return _per_row(batch.rows, self._good_probability(hidden[row_index, read_at]).tolist())
 
-    def _score_packed(self, batch: _Batch) -> list[list[float]]:
-        """`_score_single_forward` with the rows' spans after the shared prefix packed into one row on the prefix
-        cache itself: a block mask lets each span see the prefix and its own earlier tokens, and each token keeps
-        its position in its full row. The prefix's keys and values are neither copied per row nor read once per
-        row, and no padding runs; the cache is cut back to the prefix afterwards."""
-        spans = [(batch.shared, row.read_positions[-1] + 1) for row in batch.rows]
-        lengths = [end - start for start, end in spans]
+    def _score_packed(self, batch: _Batch, mode: ScoringMode) -> list[list[float]]:
+        """Score a batch with its rows' tokens after the shared prefix packed into one row on the prefix cache
+        itself, each token at its position in its full row. `single_forward` feeds every row up to its last answer
+        position in one pass; `per_step` feeds, in pass k, each row's chunk for step k (as `_score_per_step`). A
+        mask lets each token see the prefix and the earlier tokens of its own row only: the prefix's keys and
+        values are neither copied nor read once per row, and no padding runs. The cache is cut back to the prefix
+        afterwards."""
+        if mode == "single_forward":
+            chunks = [[(batch.shared, row.read_positions[-1] + 1)] for row in batch.rows]
+        else:
+            chunks = [[_chunk_bounds(row, step, batch.shared) for step in range(len(row.steps))] for row in batch.rows]
+        cached_rows = torch.full((batch.shared,), -1, device=self.model.device)  # each cached token's row; -1: prefix
+        scores: list[list[float]] = [[] for _ in batch.rows]
+        try:
+            for step in range(max(len(row_chunks) for row_chunks in chunks)):
+                fed = [(index, *row_chunks[step]) for index, row_chunks in enumerate(chunks) if step < len(row_chunks)]
+                hidden, fed_rows = self._packed_pass(batch, fed, cached_rows, step == 0)
+                cached_rows = torch.cat([cached_rows, fed_rows])
+                reads, offset = [], 0
+                for index, start, end in fed:
+                    row_reads = [p for p in batch.rows[index].read_positions if start <= p < end]
+                    reads.append((index, [offset + position - start for position in row_reads]))
+                    offset += end - start
+                probabilities = self._good_probability(hidden[[at for _, row_at in reads for at in row_at]]).tolist()
+                for index, row_at in reads:
+                    scores[index] += probabilities[: len(row_at)]
+                    probabilities = probabilities[len(row_at) :]
+        finally:
+            batch.cache.crop(batch.shared - batch.cache.get_seq_length())
+        return scores
+
+    def _packed_pass(
+        self, batch: _Batch, fed: list[tuple[int, int, int]], cached_rows: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the spans `fed` (row, start, end in full-row coordinates) packed into one row on the
+        batch's cache: their final hidden states `(tokens, hidden)` and the row of each token. Image tokens all
+        sit in the `first` pass."""
 
         def packed(values: torch.Tensor) -> torch.Tensor:
-            return torch.cat([row[start:end] for row, (start, end) in zip(values, spans)])[None]
+            return torch.cat([values[index, start:end] for index, start, end in fed])[None]
 
+        device = self.model.device
+        fed_rows = torch.cat([torch.full((end - start,), index, device=device) for index, start, end in fed])
         dtype = self.model.get_input_embeddings().weight.dtype  # the language model's (the ViT's may differ)
-        try:
-            hidden = self.model.model(
-                input_ids=packed(batch.input_ids),
-                attention_mask=_packed_mask(lengths, batch.shared, dtype, self.model.device),
-                position_ids=packed(batch.position_ids),
-                rope_position_ids=packed(batch.positions),
-                past_key_values=batch.cache,
-                mm_encoder_outputs=batch.images,
-            ).last_hidden_state[0]
-        finally:
-            batch.cache.crop(-sum(lengths))
-        offsets = [sum(lengths[:index]) - batch.shared for index in range(len(lengths))]
-        read_at = [offset + position for row, offset in zip(batch.rows, offsets) for position in row.read_positions]
-        return _per_row(batch.rows, self._good_probability(hidden[read_at]).tolist())
+        hidden = self.model.model(
+            input_ids=packed(batch.input_ids),
+            attention_mask=_packed_mask(cached_rows, fed_rows, dtype),
+            position_ids=packed(batch.position_ids),
+            rope_position_ids=packed(batch.positions),
+            past_key_values=batch.cache,
+            mm_encoder_outputs=batch.images if first else None,
+        ).last_hidden_state[0]
+        return hidden, fed_rows
 
     def _score_per_step(self, batch: _Batch) -> list[list[float]]:
         """One pass per step: step k feeds the tokens after step k-1's answer position up to its own, on the cache.
@@ -543,16 +571,15 @@ def _per_row(rows: Sequence[CriticInput], probabilities: list[float]) -> list[li
     return [probabilities[start:end] for start, end in zip(starts, starts[1:])]
 
 
-def _packed_mask(lengths: Sequence[int], shared: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive `(1, 1, total, shared + total)` mask for spans of `lengths` tokens packed after a `shared`-token
-    prefix: each token sees the prefix and the earlier tokens of its own span."""
-    total = sum(lengths)
-    span = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    own = (span[:, None] == span[None, :]).tril_()
-    visible = torch.cat([own.new_ones(total, shared), own], dim=1)
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)[
-        None, None
-    ]
+def _packed_mask(cached_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `(1, 1, new, cached + new)` mask for packed tokens of the `rows` given (row index per new token) on
+    a cache whose tokens belong to `cached_rows` (-1: the shared prefix): each new token sees the prefix, its own
+    row's cached tokens and its own row's earlier new tokens."""
+    sees_cached = (cached_rows[None, :] == -1) | (cached_rows[None, :] == rows[:, None])
+    sees_new = (rows[:, None] == rows[None, :]).tril_()
+    visible = torch.cat([sees_cached, sees_new], dim=1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def _shared_prefix_length(
