@@ -250,6 +250,23 @@ def test_candidates_longer_than_their_prefix_get_one_row_each(critic, processor,
         torch.testing.assert_close(torch.tensor(score.step_scores), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
+def test_sliding_window_critics_keep_one_row_per_candidate(model_factory, config, processor, image):
+    """A ready 4D mask would reach sliding-window layers unchanged: such critics are not packed."""
+    text = config.text_config
+    text.use_sliding_window, text.sliding_window = True, 4096  # wider than any row: scores as full attention
+    text.layer_types = ["sliding_attention"] * text.num_hidden_layers
+    critic = VisualPRM(model_factory(config, seed=7), processor, batch_size=3)
+    shapes, hook = record_llm_inputs(critic)
+    try:
+        scores = critic.score(QUESTION, RESPONSES[:2], [image])
+    finally:
+        hook.remove()
+    assert shapes[1][0] == 2
+    for response, score in zip(RESPONSES[:2], scores):
+        expected = full_row_scores(critic, processor, QUESTION, response, [image])
+        torch.testing.assert_close(torch.tensor(score.step_scores), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
 def test_a_question_continues_the_system_prompt_of_the_previous_one(critic, image):
     """The text the questions' prefixes share (system prompt, `### Question:`) goes through the critic once per
     `score_many` call; each question then feeds its own image and question, and scores as when scored alone."""

@@ -347,8 +347,9 @@ class VisualPRM:
             row = (input_ids[:1, :shared], mask[:1, :shared], position_ids[:1, :shared], positions[:1, :shared])
             prefix = self._prefix_pass(*row, images if images_in_prefix else None, image_mask, previous)
         prefix_cache = prefix.cache if prefix is not None else None
-        backend = self.model.config.get_text_config()._attn_implementation
-        can_pack = prefix_cache is not None and backend in PACKING_BACKENDS
+        text_config = self.model.config.get_text_config()
+        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ())  # a 4D mask reaches all
+        can_pack = prefix_cache is not None and text_config._attn_implementation in PACKING_BACKENDS and not sliding
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index].input_ids))
         results: list[list[float]] = [[] for _ in rows]
         for start in range(0, len(order), self.batch_size):
