@@ -13,7 +13,6 @@ import yaml
 from peft import LoraConfig
 from transformers import TrainingArguments
 
-from internvl3_hf.demo.recipe import optimizer as demo_optimizer
 from internvl3_hf.errors import UserError
 from internvl3_hf.modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
 from internvl3_hf.mpo import MPOConfig
@@ -227,10 +226,19 @@ def test_the_builders_take_the_typed_recipe(tmp_path):
     assert build_trainer(recipe).args.max_steps == 1
 
 
+def two_rate_adamw(model, learning_rate: float, vision_lr_scale: float) -> torch.optim.AdamW:
+    """A hand-built AdamW with the ViT at `vision_lr_scale` × the rate of the rest (no weight decay): the oracle
+    for `training.vision_lr_scale`."""
+    vision = [p for name, p in model.named_parameters() if p.requires_grad and "vision_tower" in name]
+    rest = [p for name, p in model.named_parameters() if p.requires_grad and "vision_tower" not in name]
+    groups = [{"params": rest, "lr": learning_rate}, {"params": vision, "lr": learning_rate * vision_lr_scale}]
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
+
+
 @pytest.mark.parametrize(("builder", "recipe"), [(build_trainer, SFT), (build_mpo_trainer, MPO)])
 def test_vision_lr_scale_gives_the_vit_its_own_learning_rate(builder, recipe, tmp_path):
-    """`training.vision_lr_scale`: the ViT's parameters at scale × lr, the same partition as the demo's hand-built
-    optimizer, weight decay as the trainer's own split; one step keeps the ratio through the scheduler."""
+    """`training.vision_lr_scale`: the ViT's parameters at scale × lr, the same partition as a hand-built two-rate
+    AdamW, weight decay as the trainer's own split; one step keeps the ratio through the scheduler."""
     scale, learning_rate = 0.03, 0.01
     trainer = builder(load_recipe(recipe, [
         f"training.output_dir={tmp_path}", "training.max_steps=1", f"training.learning_rate={learning_rate}",
@@ -238,7 +246,7 @@ def test_vision_lr_scale_gives_the_vit_its_own_learning_rate(builder, recipe, tm
     ]))  # fmt: skip
     logging.getLogger("transformers").setLevel(logging.ERROR)
     trainer.train()
-    reference = demo_optimizer(trainer.model, learning_rate, scale)
+    reference = two_rate_adamw(trainer.model, learning_rate, scale)
     expected = {id(p): group["lr"] for group in reference.param_groups for p in group["params"]}
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
     names = {id(p): name for name, p in trainer.model.named_parameters()}
@@ -261,8 +269,8 @@ def test_a_missing_data_file_is_refused_before_the_model_loads(tmp_path, monkeyp
 
 
 def test_the_builder_trains_like_a_hand_built_trainer_with_a_slow_vit(tmp_path):
-    """`build_trainer(recipe, model=, processor=, samples=)` with `vision_lr_scale` against `InternVL3Trainer` given the
-    demo's hand-built two-rate AdamW: the same losses and weights after three steps."""
+    """`build_trainer(recipe, model=, processor=, samples=)` with `vision_lr_scale` against `InternVL3Trainer` given a
+    hand-built two-rate AdamW: the same losses and weights after three steps."""
     from internvl3_hf.data import SFTCollator, SFTDataset, SupervisedEncoder
     from internvl3_hf.data.synthetic import synthetic_samples
     from internvl3_hf.modeling.processing_internvl3 import processor_for_config
@@ -290,7 +298,7 @@ def test_the_builder_trains_like_a_hand_built_trainer_with_a_slow_vit(tmp_path):
         train_dataset=SFTDataset(samples, SupervisedEncoder(processor, 512, 0), max_packed_tokens=512),
         data_collator=SFTCollator(processor.tokenizer.pad_token_id, padding_free=True),
         processing_class=processor,
-        optimizers=(demo_optimizer(model, learning_rate, scale), None),
+        optimizers=(two_rate_adamw(model, learning_rate, scale), None),
     )
     for trainer in (built, hand):
         trainer.train()
