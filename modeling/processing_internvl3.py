@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
@@ -548,9 +547,13 @@ def _is_video_batch(value) -> bool:
 InternVL3Processor.register_for_auto_class()
 
 
-def processor_for_config(tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig) -> InternVL3Processor:
+def processor_for_config(tokenizer: PreTrainedTokenizerBase, config: InternVL3Config) -> InternVL3Processor:
     """An `InternVL3Processor` whose tiling, tokens per tile and system message follow a model's `config`, for a
-    checkpoint that ships no processor files of its own."""
+    checkpoint that ships no processor files of its own.
+
+    Raises a `ValueError` if `tokenizer` puts `<IMG_CONTEXT>`, `<img>`, `</img>` or `<|im_end|>` at other ids than
+    `config`: prompts built by the processor would not hold the ids the model looks for."""
+    config.check_tokenizer(tokenizer, tokenizer_source="the tokenizer given to processor_for_config")
     settings = processor_settings_from_model_config(config.to_dict())
     return InternVL3Processor(
         image_processor=InternVL3ImageProcessor(**settings["image_processor"]),

@@ -24,7 +24,6 @@ from internvl3_hf.formats.official import (
     save_official,
     tokenizer_token_ids,
 )
-from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 # The documented official → in-memory key map (OpenGVLab `InternVLChatModel` vs transformers' native InternVL),
@@ -530,8 +529,10 @@ def test_save_official_writes_only_official_fields(official_dir, tmp_path):
 
 
 def test_save_official_refuses_a_processor_whose_tokenizer_disagrees(model, specials_first_tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="disagree on token ids"):
-        save_official(model, tmp_path, processor_for_config(specials_first_tokenizer, model.config))
+    # Built without a model config (processor_for_config would refuse this tokenizer already).
+    processor = InternVL3Processor(tokenizer=specials_first_tokenizer)
+    with pytest.raises(ValueError, match="disagree on token ids.*the processor's tokenizer"):
+        save_official(model, tmp_path, processor)
 
 
 # ------------------------------------------------------------------------------ rope_scaling as the official stack

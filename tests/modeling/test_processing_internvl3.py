@@ -24,7 +24,8 @@ from internvl3_hf.modeling.chat_template import (
     video_prompt,
 )
 from internvl3_hf.modeling.image_processing_internvl3 import InternVL3ImageProcessor
-from internvl3_hf.modeling.processing_internvl3 import InternVL3Processor
+from internvl3_hf.modeling.configuration_internvl3 import InternVL3Config
+from internvl3_hf.modeling.processing_internvl3 import InternVL3Processor, processor_for_config
 from internvl3_hf.tiny import tiny_config
 
 SEQ = 4  # <IMG_CONTEXT> tokens per 28 px tile in the tiny setup
@@ -352,6 +353,31 @@ def test_plugin_model_directory_without_processor_files(tokenizer, tmp_path):
     assert loaded.image_seq_length == SEQ
     assert (loaded.image_processor.size.height, loaded.image_processor.max_patches) == (28, 3)
     assert loaded.chat_template == CHAT_TEMPLATE
+
+
+def test_processor_for_config_follows_a_config_that_agrees_with_the_tokenizer(tokenizer):
+    config = tiny_config(tokenizer, max_dynamic_patch=3, system_message="Be brief.")
+    built = processor_for_config(tokenizer, config)
+    assert built.image_token_id == config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert (built.start_image_token_id, built.end_image_token_id) == (
+        config.image_start_token_id,
+        config.image_end_token_id,
+    )
+    assert (built.image_seq_length, built.image_processor.max_patches) == (SEQ, 3)
+    assert built.chat_template == build_chat_template("Be brief.")
+
+
+def test_processor_for_config_refuses_a_tokenizer_with_other_ids(tokenizer):
+    """The tiny tokenizer puts the image tokens at small ids; the default config expects the released ones."""
+    context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    expected = InternVL3Config.image_token_id
+    with pytest.raises(
+        ValueError,
+        match=rf"<IMG_CONTEXT> is id {context_id} in the tokenizer given to processor_for_config but "
+        rf"image_token_id={expected}",
+    ) as error:
+        processor_for_config(tokenizer, InternVL3Config())
+    assert "<img> is id" in str(error.value) and "<|im_end|> is id" in str(error.value)
 
 
 def test_unknown_model_type_is_refused(tokenizer, tmp_path):
