@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 
 from internvl3_hf.best_of_n import (
     PRM_SYSTEM_PROMPT,
@@ -18,6 +20,7 @@ from internvl3_hf.best_of_n import (
 )
 from internvl3_hf.best_of_n import prm
 from internvl3_hf.best_of_n.prm import expand_image_placeholders
+from internvl3_hf.modeling.processing_internvl3 import processor_for_config
 
 QUESTION = "How many shapes are in the image?"
 THREE_STEPS = "Step 1: count the red shapes.\n\nStep 2: count the blue shapes.\n\nStep 3: add them. The answer is 5."
@@ -214,6 +217,22 @@ def test_the_shared_prefix_goes_through_the_critic_once(critic, image, mode):
     batches = [sorted(rows, key=lambda row: -len(row.input_ids))[start : start + 3] for start in (0, 3)]
     passes = [1 if mode == "single_forward" else max(len(row.steps) for row in batch) for batch in batches]
     assert len(shapes) == 1 + sum(passes)
+
+
+def test_tokenize_many_with_a_tokenizer_that_appends_a_token(critic, config, tokenizer):
+    """Where the tokenizer appends a token to every text (so a shared start cannot be tokenized alone), each
+    conversation is tokenized whole."""
+    tokenizer = copy.deepcopy(tokenizer)  # the session's stays as it is
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", end_of_text)]
+    )
+    processor = processor_for_config(tokenizer, config)
+    responses = ["Step 1.\n\nStep 2.", "One step."]
+    for response, row in zip(responses, VisualPRM(critic.model, processor).tokenize_many(QUESTION, responses, [3])):
+        text = render_critic_prompt(processor, QUESTION, split_steps(response), 1)
+        assert row.input_ids == tokenizer(expand_image_placeholders(text, [3], processor))["input_ids"]
+        assert row.input_ids[-1] == end_of_text
 
 
 @pytest.mark.parametrize("mode", ["single_forward", "per_step"])
