@@ -8,9 +8,15 @@ so it is the official `internvl2_5` conversation byte for byte.
 
 import torch
 
-from .chat_template import CHAT_TEMPLATE, DEFAULT_SYSTEM_MESSAGE
-
-END_OF_TURN = "<|im_end|>"
+from .chat_template import (
+    CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_MESSAGE,
+    END_OF_TURN,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START_TOKEN,
+)
 
 
 class InternVLChatMixin:
@@ -52,7 +58,7 @@ class InternVLChatMixin:
 
     def _expand_images(self, query: str, num_patches_list: list[int], start: str, end: str, context: str) -> str:
         for num_patches in num_patches_list:
-            query = query.replace("<image>", start + context * self.config.image_seq_length * num_patches + end, 1)
+            query = query.replace(IMAGE_PLACEHOLDER, start + context * self.config.image_seq_length * num_patches + end, 1)
         return query
 
     def _generate_answers(self, tokenizer, queries: list[str], pixel_values, generation_config: dict) -> list[str]:
@@ -80,16 +86,16 @@ class InternVLChatMixin:
         history: list[tuple[str, str]] | None = None,
         return_history: bool = False,
         num_patches_list: list[int] | None = None,
-        IMG_START_TOKEN: str = "<img>",
-        IMG_END_TOKEN: str = "</img>",
-        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
         verbose: bool = False,
     ):
         """One turn of the official chat: `<image>\\n` is prepended on an image first turn; returns the answer
         (and the updated history with `return_history`)."""
         self._check_image_token_ids(tokenizer, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-        if history is None and pixel_values is not None and "<image>" not in question:
-            question = "<image>\n" + question
+        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
         if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
@@ -116,9 +122,9 @@ class InternVLChatMixin:
         num_patches_list: list[int] | None = None,
         history=None,
         return_history: bool = False,
-        IMG_START_TOKEN: str = "<img>",
-        IMG_END_TOKEN: str = "</img>",
-        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
         verbose: bool = False,
         image_counts: list[int] | None = None,
     ) -> list[str]:
@@ -138,8 +144,8 @@ class InternVLChatMixin:
                 )
         queries = []
         for index, question in enumerate(questions):
-            if pixel_values is not None and "<image>" not in question:
-                question = "<image>\n" + question
+            if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
+                question = IMAGE_PLACEHOLDER + "\n" + question
             query = self._chat_prompt(tokenizer, question, [])
             tiles = [num_patches_list[index]] if pixel_values is not None else []
             queries.append(self._expand_images(query, tiles, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))

@@ -26,6 +26,8 @@ VIDEO_PLACEHOLDER = "<video>"
 IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+# Closes every turn; generation stops on it.
+END_OF_TURN = "<|im_end|>"
 # Label of the k-th image when a conversation holds several (the official multi-image prompt).
 IMAGE_LABEL = "Image-{}: "
 
@@ -136,8 +138,12 @@ CHAT_TEMPLATE = build_chat_template()
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_MESSAGE",
+    "END_OF_TURN",
+    "IMAGE_CONTEXT_TOKEN",
+    "IMAGE_END_TOKEN",
     "IMAGE_LABEL",
     "IMAGE_PLACEHOLDER",
+    "IMAGE_START_TOKEN",
     "VIDEO_PLACEHOLDER",
     "build_chat_template",
     "image_prompt",

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
+from .chat_template import END_OF_TURN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .v2pe import DEFAULT_DELTAS, delta_to_stride
 
 # model_type → reader turning a config dict of that type, and the checkpoint it came from (folder or Hub id; `None`
@@ -56,10 +57,10 @@ OFFICIAL_VISION_DEFAULTS = {
 # Config field → the token whose id it holds. An official config.json stores none of these ids: the official code
 # takes them from its tokenizer (`tokenizer.convert_tokens_to_ids`), and so does reading an official checkpoint here.
 TOKEN_ID_FIELDS = {
-    "image_token_id": "<IMG_CONTEXT>",
-    "image_start_token_id": "<img>",
-    "image_end_token_id": "</img>",
-    "eos_token_id": "<|im_end|>",
+    "image_token_id": IMAGE_CONTEXT_TOKEN,
+    "image_start_token_id": IMAGE_START_TOKEN,
+    "image_end_token_id": IMAGE_END_TOKEN,
+    "eos_token_id": END_OF_TURN,
 }
 
 V2PE_MODES = ("none", "fixed", "random", "auto")
