@@ -13,21 +13,49 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+from transformers import (
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import cached_file
 
+from ..modeling.chat_template import (
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START_TOKEN,
+    VIDEO_PLACEHOLDER,
+)
 from ..modeling.configuration_internvl3 import InternVL3Config
+from ..modeling.processing_internvl3 import square_side
 from .official import resolve_token_ids
 from .serving import warn_if_engines_ignore_v2pe
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # Tokenizer attributes transformers' InternVLProcessor reads (`tokenizer.start_image_token`, ...).
 HF_TOKENIZER_SPECIAL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
+    "start_image_token": IMAGE_START_TOKEN,
+    "end_image_token": IMAGE_END_TOKEN,
+    "context_image_token": IMAGE_CONTEXT_TOKEN,
+    "video_token": VIDEO_PLACEHOLDER,
+}
+# Fields both configs share; one a native config.json leaves out takes `InternVLConfig`'s default.
+SHARED_FIELDS = (
+    "image_token_id",
+    "image_seq_length",
+    "downsample_ratio",
+    "projector_hidden_act",
+    "vision_feature_layer",
+    "tie_word_embeddings",
+)
+# Native image processor setting → `InternVL3Config` field; one the preprocessor config leaves out keeps the
+# plugin default.
+PREPROCESSOR_FIELDS = {
+    "min_patches": "min_dynamic_patch",
+    "max_patches": "max_dynamic_patch",
+    "crop_to_patches": "dynamic_image_size",
 }
 
 
@@ -62,26 +90,18 @@ def hf_config_to_plugin(config_dict: dict, source: str | Path | None = None, pre
     if config_dict.get("vision_feature_select_strategy", "default") != "default":
         raise ValueError("Only vision_feature_select_strategy='default' (drop the CLS token) matches InternVL3.")
     text_config = dict(config_dict.get("text_config") or {})
-    settings = dict(
-        vision_config=config_dict.get("vision_config") or {},
+    vision_config = config_dict.get("vision_config") or {}
+    settings = {name: config_dict.get(name, getattr(InternVLConfig, name)) for name in SHARED_FIELDS}
+    settings.update(
+        vision_config=vision_config,
         text_config=text_config,
-        image_token_id=config_dict.get("image_token_id", InternVLConfig.image_token_id),
-        image_seq_length=config_dict.get("image_seq_length", 256),
-        downsample_ratio=config_dict.get("downsample_ratio", 0.5),
-        projector_hidden_act=config_dict.get("projector_hidden_act", "gelu"),
-        vision_feature_layer=config_dict.get("vision_feature_layer", -1),
-        tie_word_embeddings=config_dict.get("tie_word_embeddings", True),
         eos_token_id=text_config.get("eos_token_id", InternVL3Config.eos_token_id),
+        force_image_size=square_side(vision_config.get("image_size", InternVLVisionConfig.image_size)),
     )
     settings.update(_image_span_ids(source, settings["image_token_id"]))
-    image_size = (config_dict.get("vision_config") or {}).get("image_size", 448)
-    settings["force_image_size"] = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    if preprocessor:
-        settings.update(
-            min_dynamic_patch=preprocessor.get("min_patches", 1),
-            max_dynamic_patch=preprocessor.get("max_patches", 12),
-            dynamic_image_size=preprocessor.get("crop_to_patches", True),
-        )
+    for native, ours in PREPROCESSOR_FIELDS.items():
+        if native in (preprocessor or {}):
+            settings[ours] = preprocessor[native]
     return settings
 
 
@@ -135,8 +155,8 @@ def save_hf_processor(processor, config: InternVL3Config, save_directory: Path) 
         crop_to_patches=config.dynamic_image_size,
         min_patches=config.min_dynamic_patch,
         max_patches=config.max_dynamic_patch,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
     ).save_pretrained(save_directory)
     processor.tokenizer.save_pretrained(save_directory)
     tokenizer_config_file = save_directory / "tokenizer_config.json"
@@ -150,4 +170,4 @@ def save_hf_processor(processor, config: InternVL3Config, save_directory: Path) 
 
 def hf_chat_template(template: str) -> str:
     """The plugin template with the native processor's placeholders (`<IMG_CONTEXT>` per image, `<video>`)."""
-    return template.replace("<image>", "<IMG_CONTEXT>")
+    return template.replace(IMAGE_PLACEHOLDER, IMAGE_CONTEXT_TOKEN)

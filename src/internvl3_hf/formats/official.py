@@ -24,6 +24,7 @@ from ..modeling.configuration_internvl3 import (
     TOKEN_ID_FIELDS,
     InternVL3Config,
 )
+from ..modeling.processing_internvl3 import square_side
 from .serving import warn_if_engines_ignore_v2pe
 from .keys import OFFICIAL_KEY_TABLE, OFFICIAL_QKV, PLUGIN_QKV, rename_key
 
@@ -73,10 +74,6 @@ SHARED_FIELDS = (
 LLM_FIELDS_NOT_OFFICIAL = (
     "_name_or_path", "transformers_version", "dtype", "output_hidden_states", "return_dict", "layer_types",
 )
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _refuse_unsupported(config_dict: dict) -> None:
@@ -200,8 +197,8 @@ def official_config_to_plugin(config_dict: dict, source: str | Path | None = Non
     )
     stored_ids = {field: config_dict[field] for field in TOKEN_ID_FIELDS if field in config_dict}
     plugin.update(resolve_token_ids(source, stored_ids))
-    force = plugin["force_image_size"] or _first(vision["image_size"])
-    patch = _first(vision["patch_size"])
+    force = plugin["force_image_size"] or square_side(vision["image_size"])
+    patch = square_side(vision["patch_size"])
     plugin["force_image_size"] = force
     plugin["image_seq_length"] = round((force // patch) ** 2 * plugin["downsample_ratio"] ** 2)
     if config_dict.get("dtype") or config_dict.get("torch_dtype"):
@@ -214,8 +211,8 @@ def plugin_config_to_official(config: InternVL3Config) -> dict:
     which the official code reads from the tokenizer)."""
     vision = config.vision_config
     official_vision = {theirs: getattr(vision, ours) for theirs, ours in VISION_FIELDS}
-    official_vision["image_size"] = _first(official_vision["image_size"])
-    official_vision["patch_size"] = _first(official_vision["patch_size"])
+    official_vision["image_size"] = square_side(official_vision["image_size"])
+    official_vision["patch_size"] = square_side(official_vision["patch_size"])
     official_vision.update({name: getattr(vision, name) for name in VISION_PASSTHROUGH if hasattr(vision, name)})
     official_vision.update(architectures=["InternVisionModel"], model_type="intern_vit_6b")
 
