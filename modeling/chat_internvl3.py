@@ -19,6 +19,26 @@ from .chat_template import (
 )
 
 
+def with_image_placeholder(question: str) -> str:
+    """`question` with `<image>\\n` in front unless it holds a placeholder already (the official chat() rule for an
+    image question)."""
+    return question if IMAGE_PLACEHOLDER in question else IMAGE_PLACEHOLDER + "\n" + question
+
+
+def check_num_patches_list(pixel_values: torch.Tensor | None, num_patches_list: list[int] | None) -> list[int]:
+    """The tiles of each image: `num_patches_list`, or all of `pixel_values` as one image when it is `None`.
+
+    Raises a `ValueError` when the counts do not add up to the tiles `pixel_values` holds."""
+    if num_patches_list is None:
+        num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+    if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+        raise ValueError(
+            f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} tiles but pixel_values holds "
+            f"{pixel_values.shape[0]}."
+        )
+    return num_patches_list
+
+
 class InternVLChatMixin:
     """`chat` / `batch_chat` for a `GenerationMixin` model with `config.image_seq_length`."""
 
@@ -94,15 +114,9 @@ class InternVLChatMixin:
         """One turn of the official chat: `<image>\\n` is prepended on an image first turn; returns the answer
         (and the updated history with `return_history`)."""
         self._check_image_token_ids(tokenizer, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(
-                f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} tiles but pixel_values holds "
-                f"{pixel_values.shape[0]}."
-            )
+        if history is None and pixel_values is not None:
+            question = with_image_placeholder(question)
+        num_patches_list = check_num_patches_list(pixel_values, num_patches_list)
         history = list(history or [])
         query = self._chat_prompt(tokenizer, question, history)
         query = self._expand_images(query, num_patches_list, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
@@ -137,15 +151,11 @@ class InternVLChatMixin:
         if pixel_values is not None:
             if num_patches_list is None or len(num_patches_list) != len(questions):
                 raise ValueError("batch_chat needs num_patches_list with one tile count per question.")
-            if sum(num_patches_list) != pixel_values.shape[0]:
-                raise ValueError(
-                    f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} tiles but pixel_values "
-                    f"holds {pixel_values.shape[0]}."
-                )
+            num_patches_list = check_num_patches_list(pixel_values, num_patches_list)
         queries = []
         for index, question in enumerate(questions):
-            if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-                question = IMAGE_PLACEHOLDER + "\n" + question
+            if pixel_values is not None:
+                question = with_image_placeholder(question)
             query = self._chat_prompt(tokenizer, question, [])
             tiles = [num_patches_list[index]] if pixel_values is not None else []
             queries.append(self._expand_images(query, tiles, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))

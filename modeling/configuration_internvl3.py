@@ -223,13 +223,18 @@ class InternVL3Config(PreTrainedConfig):
             )
         patch = self.vision_config.patch_size
         patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        expected = round((self.force_image_size // patch) ** 2 * self.downsample_ratio**2)
+        expected = tokens_per_tile(self.force_image_size, patch, self.downsample_ratio)
         if self.image_seq_length != expected:
             raise ValueError(
                 f"InternVL3Config.image_seq_length={self.image_seq_length} does not match force_image_size="
                 f"{self.force_image_size}, patch_size={patch} and downsample_ratio={self.downsample_ratio}, "
                 f"which give {expected} tokens per tile."
             )
+
+
+def tokens_per_tile(tile_size: int, patch_size: int, downsample_ratio: float) -> int:
+    """`<IMG_CONTEXT>` tokens of one tile (official `num_image_token`): its ViT patch grid, pixel-unshuffled."""
+    return round((tile_size // patch_size) ** 2 * downsample_ratio**2)
 
 
 def check_token_ids(

@@ -517,6 +517,16 @@ def test_chat_refuses_a_tokenizer_that_disagrees_with_the_model(model, specials_
         model.batch_chat(specials_first_tokenizer, None, ["Hi"], dict(max_new_tokens=1))
 
 
+def test_chat_refuses_tile_counts_that_do_not_add_up(model, tokenizer):
+    pixel_values = torch.zeros(3, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"num_patches_list \[2\] sums to 2 tiles but pixel_values holds 3"):
+        model.chat(tokenizer, pixel_values, "Hi", dict(max_new_tokens=1), num_patches_list=[2])
+    with pytest.raises(ValueError, match=r"num_patches_list \[1, 1\] sums to 2 tiles but pixel_values holds 3"):
+        model.batch_chat(tokenizer, pixel_values, ["Hi", "Ho"], dict(max_new_tokens=1), num_patches_list=[1, 1])
+    with pytest.raises(ValueError, match="one tile count per question"):
+        model.batch_chat(tokenizer, pixel_values, ["Hi", "Ho"], dict(max_new_tokens=1), num_patches_list=[3])
+
+
 def test_save_official_writes_only_official_fields(official_dir, tmp_path):
     directory, _ = official_dir
     model = AutoModelForImageTextToText.from_pretrained(directory)

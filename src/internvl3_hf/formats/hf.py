@@ -41,7 +41,7 @@ HF_TOKENIZER_SPECIAL_TOKENS = {
     "context_image_token": IMAGE_CONTEXT_TOKEN,
     "video_token": VIDEO_PLACEHOLDER,
 }
-# Fields both configs share; one a native config.json leaves out takes `InternVLConfig`'s default.
+# Fields both configs share, copied either way; one a native config.json leaves out takes `InternVLConfig`'s default.
 SHARED_FIELDS = (
     "image_token_id",
     "image_seq_length",
@@ -68,14 +68,9 @@ def plugin_config_to_hf(config: InternVL3Config) -> InternVLConfig:
     return InternVLConfig(
         vision_config=config.vision_config.to_dict(),
         text_config=text_config,
-        image_token_id=config.image_token_id,
-        image_seq_length=config.image_seq_length,
-        downsample_ratio=config.downsample_ratio,
-        projector_hidden_act=config.projector_hidden_act,
-        vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=config.tie_word_embeddings,
         dtype=config.dtype,
+        **{name: getattr(config, name) for name in SHARED_FIELDS},
     )
 
 

@@ -23,6 +23,7 @@ from ..modeling.configuration_internvl3 import (
     OFFICIAL_VISION_DEFAULTS,
     TOKEN_ID_FIELDS,
     InternVL3Config,
+    tokens_per_tile,
 )
 from ..modeling.processing_internvl3 import square_side
 from .serving import warn_if_engines_ignore_v2pe
@@ -200,7 +201,7 @@ def official_config_to_plugin(config_dict: dict, source: str | Path | None = Non
     force = plugin["force_image_size"] or square_side(vision["image_size"])
     patch = square_side(vision["patch_size"])
     plugin["force_image_size"] = force
-    plugin["image_seq_length"] = round((force // patch) ** 2 * plugin["downsample_ratio"] ** 2)
+    plugin["image_seq_length"] = tokens_per_tile(force, patch, plugin["downsample_ratio"])
     if config_dict.get("dtype") or config_dict.get("torch_dtype"):
         plugin["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
     return plugin
