@@ -19,6 +19,7 @@ Each assistant answer and its `<|im_end|>` (not the newline after it) sit inside
 """
 
 import json
+import re
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -59,7 +60,7 @@ _TEMPLATE = """\
     {%- endif -%}
     {%- if system -%}{%- set ns.system = system -%}{%- endif -%}
 {%- endif -%}
-{{- '<|im_start|>system\\n' ~ ns.system ~ '<|im_end|>\\n' -}}
+{{- '<|im_start|>system\\n' ~ ns.system ~ __END_OF_TURN__ ~ '\\n' -}}
 {%- for message in messages -%}
     {%- if message['role'] == 'system' -%}
         {%- if not loop.first -%}
@@ -88,9 +89,9 @@ _TEMPLATE = """\
         {%- endif -%}
         {{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}
         {%- if turn.text and message['role'] == 'assistant' -%}
-            {%- generation -%}{{- turn.text ~ '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}
+            {%- generation -%}{{- turn.text ~ __END_OF_TURN__ -}}{%- endgeneration -%}{{- '\\n' -}}
         {%- elif turn.text -%}
-            {{- turn.text ~ '<|im_end|>\\n' -}}
+            {{- turn.text ~ __END_OF_TURN__ ~ '\\n' -}}
         {%- endif -%}
     {%- else -%}
         {{- raise_exception('Unsupported role ' ~ message['role'] ~ '; InternVL3 knows system, user and assistant.') -}}
@@ -108,15 +109,14 @@ def build_chat_template(default_system_message: str = DEFAULT_SYSTEM_MESSAGE) ->
     label_head, label_tail = IMAGE_LABEL.split("{}")
     literals = {
         "__DEFAULT_SYSTEM_MESSAGE__": default_system_message,
+        "__END_OF_TURN__": END_OF_TURN,
         "__IMAGE_LABEL_HEAD__": label_head,
         "__IMAGE_LABEL_TAIL__": label_tail,
         "__IMAGE_PLACEHOLDER__": IMAGE_PLACEHOLDER,
         "__VIDEO_PLACEHOLDER__": VIDEO_PLACEHOLDER,
     }
-    template = _TEMPLATE
-    for name, value in literals.items():
-        template = template.replace(name, json.dumps(value, ensure_ascii=False))
-    return template
+    # One pass, so that a system message which happens to contain a `__NAME__` is kept as written.
+    return re.sub("|".join(literals), lambda match: json.dumps(literals[match.group()], ensure_ascii=False), _TEMPLATE)
 
 
 def image_prompt(number: int, num_images: int) -> str:

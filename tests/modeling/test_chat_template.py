@@ -115,6 +115,14 @@ def test_custom_default_system_message(processor):
     )
 
 
+def test_default_system_message_is_kept_as_written(processor):
+    system = "Write __IMAGE_PLACEHOLDER__ and __END_OF_TURN__ literally."
+    template = build_chat_template(system)
+    assert render(processor, [{"role": "user", "content": "Hi"}], chat_template=template).startswith(
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("messages", "error"),
     [
