@@ -78,7 +78,8 @@ class InternVLChatMixin:
 
     def _expand_images(self, query: str, num_patches_list: list[int], start: str, end: str, context: str) -> str:
         for num_patches in num_patches_list:
-            query = query.replace(IMAGE_PLACEHOLDER, start + context * self.config.image_seq_length * num_patches + end, 1)
+            span = start + context * (self.config.image_seq_length * num_patches) + end
+            query = query.replace(IMAGE_PLACEHOLDER, span, 1)
         return query
 
     def _generate_answers(self, tokenizer, queries: list[str], pixel_values, generation_config: dict) -> list[str]:

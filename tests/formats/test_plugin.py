@@ -123,6 +123,15 @@ def test_cli_convert_round_trips_every_format_bit_exactly(plugin_dir, tmp_path, 
     assert processor.image_processor.max_patches == original.config.max_dynamic_patch
 
 
+def test_load_processor_refuses_a_model_config_with_other_token_ids(plugin_dir):
+    directory, _ = plugin_dir
+    config = InternVL3ForConditionalGeneration.from_pretrained(directory).config
+    assert load_processor(directory, config).image_token_id == config.image_token_id
+    config.image_end_token_id += 1
+    with pytest.raises(ValueError, match=rf"</img> is id {config.image_end_token_id - 1} in the tokenizer of "):
+        load_processor(directory, config)
+
+
 def test_hf_export_writes_native_processor_files(plugin_dir, tmp_path):
     directory, _ = plugin_dir
     main(["convert", str(directory), str(tmp_path / "hf"), "--to", "hf"])

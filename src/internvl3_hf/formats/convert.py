@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
+from ..modeling.configuration_internvl3 import InternVL3Config
 from ..modeling.modeling_internvl3 import InternVL3ForConditionalGeneration
 from ..modeling.processing_internvl3 import InternVL3Processor, processor_for_config
 from . import hf, official
@@ -38,8 +39,11 @@ def load_checkpoint(path: str | Path, **from_pretrained_kwargs) -> InternVL3ForC
     return InternVL3ForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
 
 
-def load_processor(path: str | Path, model_config):
-    """The plugin processor for a checkpoint of any supported format (`None` if it ships no tokenizer)."""
+def load_processor(path: str | Path, model_config: InternVL3Config) -> InternVL3Processor | None:
+    """The plugin processor for a checkpoint of any supported format (`None` if it ships no tokenizer).
+
+    Raises a `ValueError` if its tokenizer puts the image or end-of-turn tokens at other ids than `model_config`
+    (which may differ from the checkpoint's config.json, e.g. after overrides)."""
     if not any(
         cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -48,7 +52,9 @@ def load_processor(path: str | Path, model_config):
     if detect_format(path) == "hf":
         # transformers' InternVLProcessor needs torchvision; the tiling settings are already in the model config.
         return processor_for_config(AutoTokenizer.from_pretrained(path), model_config)
-    return InternVL3Processor.from_pretrained(path)
+    processor = InternVL3Processor.from_pretrained(path)
+    model_config.check_tokenizer(processor.tokenizer, tokenizer_source=f"the tokenizer of {path}")
+    return processor
 
 
 def save_checkpoint(model, processor, save_directory: str | Path, to: str) -> Path:
