@@ -221,8 +221,7 @@ class InternVL3Config(PreTrainedConfig):
                 "InternVL3Config needs 1 <= min_dynamic_patch <= max_dynamic_patch, got "
                 f"{self.min_dynamic_patch} and {self.max_dynamic_patch}."
             )
-        patch = self.vision_config.patch_size
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        patch = square_side(self.vision_config.patch_size)
         expected = tokens_per_tile(self.force_image_size, patch, self.downsample_ratio)
         if self.image_seq_length != expected:
             raise ValueError(
@@ -232,9 +231,15 @@ class InternVL3Config(PreTrainedConfig):
             )
 
 
+def square_side(value: int | list | tuple) -> int:
+    """The side of a square size given in a config as an int or a (height, width) pair."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
 def tokens_per_tile(tile_size: int, patch_size: int, downsample_ratio: float) -> int:
-    """`<IMG_CONTEXT>` tokens of one tile (official `num_image_token`): its ViT patch grid, pixel-unshuffled."""
-    return round((tile_size // patch_size) ** 2 * downsample_ratio**2)
+    """`<IMG_CONTEXT>` tokens of one tile (official `num_image_token`, truncated as there): its ViT patch grid,
+    pixel-unshuffled."""
+    return int((tile_size // patch_size) ** 2 * downsample_ratio**2)
 
 
 def check_token_ids(

@@ -36,6 +36,8 @@ from .configuration_internvl3 import (
     TOKEN_ID_FIELDS,
     InternVL3Config,
     check_token_ids,
+    square_side,
+    tokens_per_tile,
 )
 from .image_processing_internvl3 import InternVL3ImageProcessor, InternVL3ImageProcessorKwargs, split_tile_budget
 
@@ -112,11 +114,6 @@ class InternVL3ProcessorKwargs(ProcessingKwargs, total=False):
     jpeg_seed: int
 
 
-def square_side(value: int | list | tuple) -> int:
-    """The side of a square size given in a config as an int or a (height, width) pair."""
-    return value[0] if isinstance(value, (list, tuple)) else value
-
-
 def processor_settings_from_model_config(config: dict) -> dict:
     """Processor settings (`image_processor`, `image_seq_length`, `chat_template`) from a model's config.json.
 
@@ -146,8 +143,7 @@ def processor_settings_from_model_config(config: dict) -> dict:
     system_message = settings["system_message"]
     return {
         "image_processor": image_processor,
-        # Official `num_image_token`.
-        "image_seq_length": int((tile_size // patch_size) ** 2 * settings["downsample_ratio"] ** 2),
+        "image_seq_length": tokens_per_tile(tile_size, patch_size, settings["downsample_ratio"]),
         "chat_template": build_chat_template(system_message) if system_message else CHAT_TEMPLATE,
     }
 

@@ -11,7 +11,7 @@ import json
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, Qwen2Config, Qwen2Tokenizer
 
-from .modeling.chat_internvl3 import END_OF_TURN
+from .modeling.chat_template import END_OF_TURN
 from .modeling.chat_template import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .modeling.configuration_internvl3 import TOKEN_ID_FIELDS, InternVL3Config
 

@@ -29,8 +29,7 @@ from ..modeling.chat_template import (
     IMAGE_START_TOKEN,
     VIDEO_PLACEHOLDER,
 )
-from ..modeling.configuration_internvl3 import InternVL3Config
-from ..modeling.processing_internvl3 import square_side
+from ..modeling.configuration_internvl3 import InternVL3Config, square_side
 from .official import resolve_token_ids
 from .serving import warn_if_engines_ignore_v2pe
 

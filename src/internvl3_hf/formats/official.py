@@ -23,9 +23,9 @@ from ..modeling.configuration_internvl3 import (
     OFFICIAL_VISION_DEFAULTS,
     TOKEN_ID_FIELDS,
     InternVL3Config,
+    square_side,
     tokens_per_tile,
 )
-from ..modeling.processing_internvl3 import square_side
 from .serving import warn_if_engines_ignore_v2pe
 from .keys import OFFICIAL_KEY_TABLE, OFFICIAL_QKV, PLUGIN_QKV, rename_key
 
