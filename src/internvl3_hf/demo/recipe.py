@@ -45,7 +45,9 @@ GROUPS = (*tasks.PERCEPTION_KINDS, *tasks.REASONING_TEMPLATES, "text")  # how th
 MAX_NEW_TOKENS = {tasks.REASONING: 64, "text": 20}  # other kinds answer in a few tokens
 SHORT_ANSWER_TOKENS = 8
 BON_TEMPERATURE = 0.7  # diverse candidates that are still mostly sensible
-MPO_SAMPLE_TEMPERATURE = 1.0  # the policy's own distribution: where its greedy answer slips, some samples do not
+# Sampling for the MPO pairs: where the greedy answer slips, some samples do not; at 1.0 most samples of a
+# five-step solution go wrong somewhere, and a question gives a pair only if one of them is sound.
+MPO_SAMPLE_TEMPERATURE = 0.7
 
 
 # --------------------------------------------------------------------------------------------------- sizes
@@ -76,21 +78,20 @@ class RecipeSize:
 SIZES = {
     "default": RecipeSize(
         vision_scenes=4000, vision_steps=300, pretrain_scenes=10000, pretrain_text=2000, sft_samples=3000,
-        mpo_questions=400, mpo_samples=8, critic_pairs=3000,
+        mpo_questions=800, mpo_samples=8, critic_pairs=3000,
         eval_reasoning=300, eval_per_perception_kind=30, eval_text=150, bon_n=8,
     ),
     "fast": RecipeSize(
-        vision_scenes=2000, vision_steps=150, pretrain_scenes=3200, pretrain_text=600, sft_samples=900,
-        mpo_questions=120, mpo_samples=4, critic_pairs=400,
-        eval_reasoning=120, eval_per_perception_kind=12, eval_text=48, bon_n=4, hidden_size=96, layers=3,
+        vision_scenes=2000, vision_steps=150, pretrain_scenes=4000, pretrain_text=800, sft_samples=1500,
+        mpo_questions=240, mpo_samples=4, critic_pairs=400,
+        eval_reasoning=120, eval_per_perception_kind=12, eval_text=48, bon_n=4,
         overrides={
-            "pretrain": ("training.max_steps=600", "training.warmup_steps=30", "data.max_packed_tokens=256",
+            "pretrain": ("training.max_steps=500", "training.warmup_steps=25", "data.max_packed_tokens=256",
                          "data.max_length=256"),
-            # the smaller, shorter run needs the full rate (at 5e-4 SFT fell below pre-training)
-            "sft": ("training.max_steps=250", "training.warmup_steps=12", "training.learning_rate=1e-3",
+            "sft": ("training.max_steps=300", "training.warmup_steps=15", "training.learning_rate=1e-3",
                     "data.max_packed_tokens=256", "data.max_length=256"),
-            "mpo": ("training.max_steps=20",),
-            "critic": ("training.max_steps=30", "training.warmup_steps=2"),
+            "mpo": ("training.max_steps=30",),
+            "critic": ("training.max_steps=40", "training.warmup_steps=2"),
         },
     ),
 }
@@ -110,7 +111,7 @@ def stage_recipe(stage: str, size: RecipeSize, seed: int, output_dir: Path) -> d
 
 
 # --------------------------------------------------------------------------------------------------- reproducibility
-THREADS = 2  # intra-op threads: CPU reductions split by thread, so their float sums depend on the count
+THREADS = 1  # intra-op threads: reductions split by thread sum in another order; one thread is the same on any machine
 # The kernels' instruction set: AVX-512 and AVX2 kernels round differently, so two machines of the same kind with
 # different CPUs would train different models. These are read when torch, MKL and oneDNN first dispatch.
 KERNEL_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -135,10 +135,16 @@ REASONING_TEMPLATES = tuple(TEMPLATES)
 # The imperfect annotator of the SFT data: in `minus` questions it slips SLIP_RATE of the time, and never elsewhere.
 # The slip copies a number from the wrong earlier step: the subtraction starts from the first count instead of the
 # sum ("2 + 1 = 3." then "2 - 1 = 1."), and the answer follows from it. More likely than not in that situation, the
-# slip is what an SFT model's greedy answer imitates, while some of its samples are sound: the gap MPO closes.
+# slip is what an SFT model's greedy answer imitates, while some of its samples are sound: the gap MPO closes. (At
+# 0.6 the SFT model still mostly started from the sum, the most recent number, and its greedy answer did not slip.)
 SLIP_TEMPLATE = "minus"
-SLIP_RATE = 0.6
+SLIP_RATE = 0.8
 SLIP_READS = {1: (0, 2)}  # operation index -> the operands the slip reads (the first count, not the sum)
+
+
+def count_step(colour: str, count: int) -> str:
+    """The perception step of a reasoning solution: "Red shapes: 2."."""
+    return f"{colour.capitalize()} shapes: {count}."
 
 
 def reasoning_values(template: str, counts: Sequence[int], reads: dict[int, tuple[int, int]] | None = None,
@@ -162,7 +168,7 @@ def reasoning_steps(template: str, colours: Sequence[str], counts: Sequence[int]
     (`reasoning_values`: `reads` a number copied from the wrong step, `results` a wrong calculation), then the
     answer (`final`, default the last result); later steps follow from what is written."""
     operations = reasoning_values(template, counts, reads, results)
-    steps = [f"{colour.capitalize()} shapes: {count}." for colour, count in zip(colours, counts)]
+    steps = [count_step(colour, count) for colour, count in zip(colours, counts)]
     steps += [f"{a} {op} {b} = {result}." for a, op, b, result in operations]
     steps.append(f"Answer: {operations[-1][3] if final is None else final}")
     return steps
@@ -187,7 +193,8 @@ def visual_question(scene: Scene, kind: str, rng: random.Random, template: str |
         # mostly a colour the scene holds, as `sum` asks: a random one would be absent or single most of the time
         colour = rng.choice(sorted({s.colour for s in scene.shapes}) if rng.random() < 0.8 else list(COLOURS))
         total = str(scene.count(colour))
-        return Question(kind, f"How many {colour} shapes are there?", total, total, scene)
+        # answered as a reasoning step counts: naming the colour asked, so that naming it is learned with counting it
+        return Question(kind, f"How many {colour} shapes are there?", total, count_step(colour, scene.count(colour)), scene)
     if kind == REASONING:
         return reasoning_question(scene, template or rng.choice(REASONING_TEMPLATES), rng)
     raise ValueError(f"unknown question kind {kind!r}")
@@ -310,7 +317,8 @@ def chance_accuracy(questions: list[Question]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- PRM data
-CORRUPTIONS = ("none", "none", "count", "colour", "calculation", "copy", "final")
+CORRUPTIONS = ("none", "none", "count", "colour", "colour", "calculation", "copy", "final")  # the colour slip twice:
+# naming a colour the question does not ask is the policy's most common error
 
 
 def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -328,8 +336,10 @@ def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str
     reads, results, final, bad_from = {}, {}, None, None
     if where == "colour":
         index = rng.randrange(len(colours))
-        # counting another colour is only wrong where its count differs (else the step's number is still right)
+        # counting another colour is only wrong where its count differs (else the step's number is still right);
+        # a colour the scene holds, where there is one: the policy's own slip is to count what it sees
         others = [c for c in COLOURS if c not in colours and question.scene.count(c) != counts[index]]
+        others = [c for c in others if question.scene.count(c)] or others
         if others:
             colours[index] = rng.choice(others)
             counts[index], bad_from = question.scene.count(colours[index]), index
