@@ -303,7 +303,9 @@ def save_official(model, save_directory: str | Path, processor=None, *, max_shar
 def save_official_tokenizer_files(tokenizer, save_directory: Path) -> None:
     """Write the tokenizer files the official stack (transformers 4.37, loading with `use_fast=False`) reads.
 
-    `vocab.json` and `merges.txt`: it cannot read a `tokenizer.json` written by a newer `tokenizers`.
+    `vocab.json` and `merges.txt`, and no `tokenizer.json`: its `tokenizers` cannot read one written by a newer
+    release, and without it transformers (4.37 and 5) builds the fast tokenizer from these two files, as released
+    InternVL3 checkpoints ship it.
     `special_tokens_map.json` with `additional_special_tokens`: it does not know transformers 5's
     `extra_special_tokens`, and its `chat()` decodes with `skip_special_tokens`, which skips only declared ones.
     """
@@ -317,6 +319,7 @@ def save_official_tokenizer_files(tokenizer, save_directory: Path) -> None:
         extra = list(extra.values())
     special = {**tokenizer.special_tokens_map, "additional_special_tokens": list(extra)}
     (save_directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    (save_directory / "tokenizer.json").unlink(missing_ok=True)
 
 
 class InternVLChatConfig(InternVL3Config):
