@@ -335,6 +335,11 @@ def test_save_official_writes_the_tokenizer_files_the_official_stack_reads(offic
     special = json.loads((tmp_path / "special_tokens_map.json").read_text())
     assert special["additional_special_tokens"] == list(INTERNVL_SPECIAL_TOKENS[1:])
     assert special["eos_token"] == "<|im_end|>" and special["pad_token"] == "<|endoftext|>"
+    # tokenizers 0.15 cannot read a tokenizer.json written by 0.23; without one both stacks build it from the above
+    assert not (tmp_path / "tokenizer.json").exists()
+    reloaded = AutoProcessor.from_pretrained(tmp_path).tokenizer
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img>\nWhat colour?<|im_end|>"
+    assert reloaded(text).input_ids == specials_first_tokenizer(text).input_ids
 
 
 def test_plugin_config_exports_back_to_an_equivalent_official_config(official_dir):
