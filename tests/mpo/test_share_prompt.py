@@ -184,6 +184,34 @@ def test_backends_take_the_mask(setup, model_factory, tokenizer, config, tmp_pat
     assert_same_step(trainer, processor, pairs_with_images())
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_shared_prompt_mask_equals_create_causal_mask(setup, backend):
+    """The mask built through the interface's broadcast path equals `create_causal_mask`'s (which vmaps a custom
+    mask function) on padded rows, and hides exactly the chosen answer from the rejected one."""
+    from transformers.masking_utils import create_causal_mask
+
+    from internvl3_hf.mpo.trainer import hide_chosen_from_rejected, shared_prompt_mask
+
+    policy, _, processor = setup()
+    text_config = copy.deepcopy(policy.config.get_text_config())
+    text_config._attn_implementation = backend
+    batch = MPODataCollator(processor, share_prompt=True)(pairs_with_images())
+    token_mask, segments = batch["attention_mask"], batch["segment_ids"]
+    assert not token_mask.all()  # rows of different lengths: the padding is part of the mask
+    probe = torch.empty((*token_mask.shape, 0))
+    mask = shared_prompt_mask(text_config, probe, token_mask, segments)
+    expected = create_causal_mask(
+        config=text_config, inputs_embeds=probe, attention_mask=token_mask, past_key_values=None,
+        and_mask_function=hide_chosen_from_rejected(segments),
+    )  # fmt: skip
+    assert mask.dtype == expected.dtype and torch.equal(mask, expected)
+    allowed = mask[:, 0] == 0 if backend == "eager" else mask[:, 0]
+    rejected_query = (segments == REJECTED_SEGMENT)[:, :, None]
+    chosen_key = (segments == CHOSEN_SEGMENT)[:, None, :]
+    assert not (allowed & rejected_query & chosen_key).any()
+    assert (allowed & rejected_query & ~chosen_key & token_mask.bool()[:, None, :]).sum() > 0
+
+
 def test_flash_attention_falls_back_to_separate_rows(setup, tmp_path, caplog, monkeypatch):
     policy, reference, processor = setup()
     # Only the name matters here: the trainer reads the backend before any forward.
@@ -206,7 +234,7 @@ def test_share_prompt_off_gives_separate_rows(setup, tmp_path):
 
 @pytest.mark.slow  # torch compiles flex attention on first use (about a minute on a CPU)
 def test_flex_attention_takes_the_mask_as_a_block_mask(setup, tmp_path):
-    """flex_attention gets a `BlockMask` from `create_causal_mask`; torch runs flex attention's backward on GPUs
+    """flex_attention gets a `BlockMask` from transformers' mask interface; torch runs flex attention's backward on GPUs
     only, so this CPU test compares the no-grad loss and metrics (the GPU check runs the gradient tests)."""
     policy, reference, processor = setup(v2pe_mode="fixed", v2pe_delta=0.5)
     for model in (policy, reference):

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor, TrainerCallback
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -167,8 +167,8 @@ class SharedImageFeatures:
 
 # --------------------------------------------------------------------------------------------------- shared prompt
 def hide_chosen_from_rejected(segment_ids: torch.Tensor) -> Callable:
-    """transformers mask function (`and_mask_function` of `create_causal_mask`): a rejected-answer query never
-    sees a chosen-answer key; together with the causal mask each answer sees the prompt and itself only."""
+    """transformers mask function (index-based, so it also takes broadcast index tensors): a rejected-answer query
+    never sees a chosen-answer key; together with the causal mask each answer sees the prompt and itself only."""
 
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
         rejected_query = segment_ids[batch_idx, q_idx] == REJECTED_SEGMENT
@@ -180,13 +180,25 @@ def hide_chosen_from_rejected(segment_ids: torch.Tensor) -> Callable:
 def shared_prompt_mask(text_config, inputs_embeds_like: torch.Tensor, attention_mask: torch.Tensor, segment_ids):
     """The attention mask of `[prompt | chosen | p | rejected]` rows in the format of `text_config`'s attention
     backend (a float mask for eager, a boolean one for sdpa, a `BlockMask` for flex_attention), built by
-    transformers' own `create_causal_mask`; the model passes a 4D mask through as it is."""
-    return create_causal_mask(
+    transformers' own mask interface; the model passes a 4D mask through as it is.
+
+    What `create_causal_mask(and_mask_function=...)` builds, without its `vmap` over every (query, key) pair, which it
+    applies to any custom mask function (a few ms per build on a CPU): this one is index-based, so the interface's
+    broadcast path applies.
+    """
+    batch_size, length = attention_mask.shape
+    mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
+    return mask_interface(
+        batch_size=batch_size,
+        q_length=length,
+        kv_length=length,
+        mask_function=and_masks(causal_mask_function, hide_chosen_from_rejected(segment_ids)),
+        attention_mask=attention_mask.to(device=inputs_embeds_like.device, dtype=torch.bool),
+        allow_is_causal_skip=False,
+        dtype=inputs_embeds_like.dtype,
         config=text_config,
-        inputs_embeds=inputs_embeds_like,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        and_mask_function=hide_chosen_from_rejected(segment_ids),
+        use_vmap=False,
+        device=inputs_embeds_like.device,
     )
 
 
@@ -203,7 +215,7 @@ class MPOTrainer(DPOTrainer):
     With `share_prompt` (the default) each pair is one row `[prompt | chosen | p | rejected]` (see
     `MPODataCollator`): the prompt, with its image tokens, runs through the language model once per pair, for the
     policy and for the reference. The rejected part sees the prompt but not the chosen part (a 4D mask built by
-    transformers' `create_causal_mask` for the model's attention backend: eager, sdpa or flex_attention), and its
+    transformers' mask interface for the model's attention backend: eager, sdpa or flex_attention), and its
     positions continue from the prompt's end exactly as in its own row (V2PE positions included, computed by the
     model's `v2pe_positions`). Every answer token gets the log-probability it gets in its own row. The flash
     attention backends take no such mask (their varlen kernels know only causal segments), nor can
