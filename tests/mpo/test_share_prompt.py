@@ -212,6 +212,29 @@ def test_shared_prompt_mask_equals_create_causal_mask(setup, backend):
     assert (allowed & rejected_query & ~chosen_key & token_mask.bool()[:, None, :]).sum() > 0
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["separate", "shared"])
+def test_lm_head_projects_the_answer_tail_only(setup, tmp_path, share):
+    """The fused head gets the batch's answer tail only, and its answer log-probs equal the log-softmax of the
+    model's own full logits (the forward without the fused head) at every answer token."""
+    policy, reference, processor = setup(v2pe_mode="fixed", v2pe_delta=0.5)
+    trainer = build_trainer(policy, reference, processor, tmp_path)
+    pairs = pairs_with_images()[:2]  # image prompts only: the tail starts after the first image
+    batch = MPODataCollator(processor, share_prompt=share)(pairs)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        answers = trainer.answer_logps(model, batch)
+        logits = model(**trainer.model_inputs(model, batch), use_cache=False).logits
+    length = batch["input_ids"].shape[1]
+    first_answer = int(batch["completion_mask"].any(0).nonzero()[0])
+    assert first_answer > 50 and answers.per_token_logps.shape[1] == length - first_answer
+    expected = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    expected = expected[:, first_answer - 1 :]
+    answer_tokens = answers.completion_mask
+    assert answer_tokens.sum() == batch["completion_mask"].sum()
+    assert torch.allclose(answers.per_token_logps[answer_tokens], expected[answer_tokens], atol=1e-5)
+    assert (answers.per_token_logps[~answer_tokens] == 0).all()
+
+
 def test_flash_attention_falls_back_to_separate_rows(setup, tmp_path, caplog, monkeypatch):
     policy, reference, processor = setup()
     # Only the name matters here: the trainer reads the backend before any forward.

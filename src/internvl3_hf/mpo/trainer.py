@@ -202,6 +202,25 @@ def shared_prompt_mask(text_config, inputs_embeds_like: torch.Tensor, attention_
     )
 
 
+@contextlib.contextmanager
+def keep_answer_tail(backbone: torch.nn.Module, start: int):
+    """While open, `backbone`'s `last_hidden_state` keeps positions `start:` only: the hidden states TRL's fused LM
+    head then projects, with the labels from `start` on (a forward hook: the head calls the backbone inside the
+    model's forward, under any DDP/DeepSpeed/PEFT wrapper)."""
+    if start == 0:
+        yield
+        return
+
+    def keep_tail(module, args, output):
+        output.last_hidden_state = output.last_hidden_state[:, start:]
+
+    handle = backbone.register_forward_hook(keep_tail)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------------------------------- trainer
 class MPOTrainer(DPOTrainer):
     """TRL's `DPOTrainer` with the MPO loss (reward shift δ included) for InternVL3.
@@ -505,10 +524,27 @@ class MPOTrainer(DPOTrainer):
         return position_ids, rope_position_ids - shift.to(rope_position_ids.dtype)
 
     def answer_logps(self, model, inputs: dict) -> AnswerLogps:
-        """One fused-head forward of `model` over the batch, split into the chosen and rejected answers."""
+        """One fused-head forward of `model` over the batch, split into the chosen and rejected answers.
+
+        The LM head sees the batch's answer tail only (from the first position that predicts an answer token): off
+        Triton devices TRL's fused head projects every position it is given, and the prompt, most of each row, needs
+        none. The backbone still runs every position (the answers attend to the prompt)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        outputs = model(**self.model_inputs(model, inputs), labels=labels, use_cache=False, fused_lm_head=True)
-        return AnswerLogps(outputs, inputs)
+        start = self._answer_tail_start(model, inputs["completion_mask"])
+        with keep_answer_tail(self._internvl3(model).model, start):
+            outputs = model(
+                **self.model_inputs(model, inputs), labels=labels[:, start:], use_cache=False, fused_lm_head=True
+            )
+        return AnswerLogps(outputs, inputs, start)
+
+    def _answer_tail_start(self, model, completion_mask: torch.Tensor) -> int:
+        """The first position whose next token is an answer token in any row; 0 without answers, or for
+        prompt-learning PEFT (its virtual tokens lengthen the labels inside the forward)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            return 0
+        answered = completion_mask[:, 1:].any(dim=0).nonzero()
+        return int(answered[0]) if len(answered) else 0
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -594,17 +630,18 @@ class MPOTrainer(DPOTrainer):
 class AnswerLogps:
     """The fused head's per-token outputs of a batch, split by answer, for either layout.
 
-    `per_token_logps` `(rows, L-1)` are next-token log-probs (0 off the answers). Separate rows: chosen rows are
-    the first half, rejected the second. Shared prompt: every row holds both, told apart by `segment_ids`.
+    `per_token_logps` `(rows, L-1-start)` are next-token log-probs of the labels from `start + 1` on (0 off the
+    answers). Separate rows: chosen rows are the first half, rejected the second. Shared prompt: every row holds
+    both, told apart by `segment_ids`.
     """
 
-    def __init__(self, outputs, inputs: dict):
+    def __init__(self, outputs, inputs: dict, start: int = 0):
         self.outputs = outputs
-        completion_mask = inputs["completion_mask"][:, 1:].bool()
+        completion_mask = inputs["completion_mask"][:, start + 1 :].bool()
         self.completion_mask = completion_mask
         self.per_token_logps = self.align(outputs.log_probs)
         if "segment_ids" in inputs:
-            label_segments = inputs["segment_ids"][:, 1:]
+            label_segments = inputs["segment_ids"][:, start + 1 :]
             self._chosen_mask = completion_mask & (label_segments == CHOSEN_SEGMENT)
             self._rejected_mask = completion_mask & (label_segments == REJECTED_SEGMENT)
             self._split = lambda values: (values, values)
@@ -615,7 +652,7 @@ class AnswerLogps:
         self.rejected_logps = self._answer_sum(*self.rejected(self.per_token_logps))
 
     def align(self, values: torch.Tensor) -> torch.Tensor:
-        """The last `L-1` positions (prompt-learning PEFT prepends virtual tokens to the outputs)."""
+        """The last `L-1-start` positions (prompt-learning PEFT prepends virtual tokens to the outputs)."""
         return values[:, -self.completion_mask.shape[1] :]
 
     def chosen(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
