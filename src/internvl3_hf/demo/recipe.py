@@ -45,6 +45,9 @@ GROUPS = (*tasks.PERCEPTION_KINDS, *tasks.REASONING_TEMPLATES, "text")  # how th
 MAX_NEW_TOKENS = {tasks.REASONING: 64, "text": 20}  # other kinds answer in a few tokens
 SHORT_ANSWER_TOKENS = 8
 BON_TEMPERATURE = 0.7  # diverse candidates that are still mostly sensible
+# A candidate's score is its weakest step's: one wrong step makes a wrong process (on the validation split, 16
+# candidates: min +5.7 points over MPO, mean +5.3, last +3.7, product +4.0; with 8 candidates every choice +2 to +3)
+CRITIC_AGGREGATION = "min"
 # Sampling for the MPO pairs: where the greedy answer slips, some samples do not; at 1.0 most samples of a
 # five-step solution go wrong somewhere, and a question gives a pair only if one of them is sound.
 MPO_SAMPLE_TEMPERATURE = 0.7
@@ -79,7 +82,7 @@ SIZES = {
     "default": RecipeSize(
         vision_scenes=4000, vision_steps=300, pretrain_scenes=10000, pretrain_text=2000, sft_samples=3000,
         mpo_questions=800, mpo_samples=8, critic_pairs=3000,
-        eval_reasoning=300, eval_per_perception_kind=30, eval_text=150, bon_n=8,
+        eval_reasoning=300, eval_per_perception_kind=30, eval_text=150, bon_n=16,
     ),
     "fast": RecipeSize(
         vision_scenes=2000, vision_steps=150, pretrain_scenes=4000, pretrain_text=800, sft_samples=1500,
@@ -513,7 +516,8 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool, 
     pairs = critic_pairs(size.critic_pairs, seed * 1000 + 5, list(zip(mpo_questions, sampled)))
     trainer = build_mpo_trainer(critic_recipe, model=copy.deepcopy(model), processor=processor, pairs=pairs)
     critic_losses = train_stage(trainer, "4/4 critic (implicit PRM)")
-    prm = ImplicitPRM(trainer.model.eval(), model, processor, beta=critic_recipe["training"]["beta"], batch_size=16)
+    prm = ImplicitPRM(trainer.model.eval(), model, processor, beta=critic_recipe["training"]["beta"],
+                      aggregation=CRITIC_AGGREGATION, batch_size=16)
     auc = critic_step_auc(prm, size, seed * 1000 + 6)
     _log("critic: AUC of the step scores between right and wrong held-out steps: "
          + ", ".join(f"{group} {value:.2f}" for group, value in auc.items()) + " (0.5 = cannot tell them apart)")

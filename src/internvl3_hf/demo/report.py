@@ -71,34 +71,35 @@ def _difference(after: Sequence[bool], before: Sequence[bool]) -> str:
 
 
 HEADER = ("stage", "reasoning (held-out)", "95 % interval", "Δ reasoning vs the stage above, points (paired 95 % interval)",
-          *tasks.REASONING_TEMPLATES, "perception", "text-only", "stage time")
+          *tasks.REASONING_TEMPLATES, "perception", "text-only")
 
 
 def format_table(report) -> str:
     """A Markdown table: held-out accuracy after each stage (reasoning with its 95 % interval and the paired
     difference to the stage before, per template, perception, text-only); below the Best-of-N stage, the other
-    selections from the same candidates and pass@N; then the checks and the run's settings."""
+    selections from the same candidates and pass@N; then the checks, the run's settings and, apart from the
+    results (they vary with the machine's load), the times."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     previous = None
     for stage in report.stages:
         delta = _difference(stage.reasoning, previous.reasoning) if previous else ""
-        lines.append(_row(stage.name, stage.groups, delta, f"{stage.seconds:.0f} s"))
+        lines.append(_row(stage.name, stage.groups, delta))
         previous = stage
     bon = report.extra.get("bon", {})
     n = report.extra.get("bon_n", "N")
     for name, label in (("prm_vote", "(same candidates: PRM-weighted vote)"), ("majority", "(same candidates: majority vote)"),
                         ("pass", f"(pass@{n}: a right answer among the {n})")):
         if name in bon:
-            lines.append(_row(label, bon[name], "", ""))
+            lines.append(_row(label, bon[name], ""))
     return "\n".join(lines) + "\n\n" + "\n".join(checks(report)) + "\n" + _footer(report)
 
 
-def _row(label: str, groups: dict[str, list[bool]], delta: str, last: str) -> str:
+def _row(label: str, groups: dict[str, list[bool]], delta: str) -> str:
     reasoning = [ok for template in tasks.REASONING_TEMPLATES for ok in groups.get(template, [])]
     perception = [ok for kind in tasks.PERCEPTION_KINDS for ok in groups.get(kind, [])]
     cells = [label, _percent(reasoning), _interval(reasoning), delta]
     cells += [_share(groups.get(template, [])) for template in tasks.REASONING_TEMPLATES]
-    cells += [_share(perception), _percent(groups.get("text", [])), last]
+    cells += [_share(perception), _percent(groups.get("text", []))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -121,8 +122,7 @@ def checks(report) -> list[str]:
 
 def _footer(report) -> str:
     extra = report.extra
-    lines = [f"chance on reasoning (uniform guess over 0-{2 * tasks.MAX_SHAPES}) {report.chance:.1%}; "
-             f"total wall time {report.seconds:.0f} s"]
+    lines = [f"chance on reasoning (uniform guess over 0-{2 * tasks.MAX_SHAPES}) {report.chance:.1%}"]
     if "sft_slips" in extra:
         slips = extra["sft_slips"]
         lines.append(f"SFT data: {slips['slipped']} of {slips['reasoning']} reasoning solutions hold the annotator's "
@@ -135,6 +135,8 @@ def _footer(report) -> str:
             f"{group} {value:.2f}" for group, value in extra["critic_auc"].items()))
     if report.settings:
         lines.append(report.settings)
+    times = ", ".join(f"{stage.name} {stage.seconds:.0f} s" for stage in report.stages)
+    lines.append(f"\nwall time: {times}; total {report.seconds:.0f} s")
     return "\n".join(lines)
 
 
