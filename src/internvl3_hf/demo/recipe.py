@@ -321,6 +321,15 @@ def _quiet(trainer, progress: _StageProgress):
     trainer.add_callback(progress)
 
 
+def vision_training_arguments(output_dir: Path, steps: int, seed: int, batch_size: int = 64) -> TrainingArguments:
+    """`transformers.Trainer` arguments for the ViT's pre-training (`vision.pretrain_vision_encoder`): it trains a
+    classifier head on the ViT alone, which no recipe builder (they train the VLM) fits."""
+    return TrainingArguments(output_dir=str(output_dir), max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine",
+                             warmup_steps=max(1, steps // 20), weight_decay=0.0, per_device_train_batch_size=batch_size,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+                             data_seed=seed, dataloader_num_workers=0)
+
+
 def train_stage(trainer, description: str) -> list[tuple[int, float]]:
     """Train a built trainer with the demo's progress bar; returns the (step, loss) curve."""
     progress = _StageProgress(description)
@@ -472,10 +481,7 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool, 
     # 0. the ViT starts pre-trained, as InternVL3's InternViT does (heads on its features, then dropped)
     began = time.perf_counter()
     progress = _StageProgress("0/4 vision encoder")
-    args = TrainingArguments(output_dir=str(output_dir / "vision"), max_steps=size.vision_steps, learning_rate=1e-3,
-                             lr_scheduler_type="cosine", warmup_steps=max(1, size.vision_steps // 20),
-                             weight_decay=0.0, per_device_train_batch_size=64, logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0)
+    args = vision_training_arguments(output_dir / "vision", size.vision_steps, seed)
     vision_accuracy = pretrain_vision_encoder(model, processor, args, size.vision_scenes, seed * 1000 + 11,
                                               prepare=lambda trainer: _quiet(trainer, progress))
     _log(f"vision encoder: tells what each grid cell holds in {vision_accuracy:.1%} of held-out scenes' cells "
