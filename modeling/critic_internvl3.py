@@ -25,8 +25,15 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .chat_internvl3 import END_OF_TURN
-from .chat_template import CHAT_TEMPLATE, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN
+from .chat_internvl3 import check_num_patches_list, with_image_placeholder
+from .chat_template import (
+    CHAT_TEMPLATE,
+    END_OF_TURN,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START_TOKEN,
+)
 
 # Verbatim `PRM_SYSTEM_PROMPT` of `internvl_chat/tools/reasoning_data_pipeline/utils/constants.py`.
 PRM_SYSTEM_PROMPT = """\
@@ -231,15 +238,9 @@ class InternVLCriticMixin:
     ) -> list[float]:
         """The mean step score of each response, in `response_list` order (one forward pass per response, the
         images encoded once)."""
-        if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-            question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(
-                f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} tiles but pixel_values holds "
-                f"{pixel_values.shape[0]}."
-            )
+        if pixel_values is not None:
+            question = with_image_placeholder(question)
+        num_patches_list = check_num_patches_list(pixel_values, num_patches_list)
         if pixel_values is not None and question.count(IMAGE_PLACEHOLDER) != len(num_patches_list):
             raise ValueError(
                 f"The question has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders for "
