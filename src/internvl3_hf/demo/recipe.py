@@ -231,7 +231,8 @@ def question_sample(question: Question, answer: str | None = None, origin: str =
 SFT_KINDS = (*tasks.PERCEPTION_KINDS, "colour_count", tasks.REASONING, tasks.REASONING, tasks.REASONING)
 
 
-def sft_samples(count: int, seed: int, text_share: float, slip_rate: float = tasks.SLIP_RATE) -> tuple[list[Sample], dict]:
+def sft_samples(count: int, seed: int, text_share: float,
+                slip_rate: float = tasks.SLIP_RATE) -> tuple[list[Sample], dict]:
     """Instruction data: one question per conversation, every visual kind (half of them reasoning, answered step
     by step as the imperfect annotator wrote it: `tasks.annotated_solution`) and `text_share` text-only arithmetic
     answered step by step. Returns the samples and how many reasoning solutions slip."""
@@ -282,7 +283,8 @@ def held_out_questions(size: RecipeSize, seed: int) -> list[Question]:
     """The held-out questions every stage answers: perception, reasoning (the templates in turn), text-only."""
     perception = tasks.visual_questions(size.eval_per_perception_kind * len(tasks.PERCEPTION_KINDS), seed,
                                         kinds=tasks.PERCEPTION_KINDS)
-    return perception + tasks.reasoning_questions(size.eval_reasoning, seed + 1) + tasks.text_questions(size.eval_text, seed + 2)
+    reasoning = tasks.reasoning_questions(size.eval_reasoning, seed + 1)
+    return perception + reasoning + tasks.text_questions(size.eval_text, seed + 2)
 
 
 def group_of(question: Question) -> str:
@@ -324,10 +326,10 @@ def _quiet(trainer, progress: _StageProgress):
 def vision_training_arguments(output_dir: Path, steps: int, seed: int, batch_size: int = 64) -> TrainingArguments:
     """`transformers.Trainer` arguments for the ViT's pre-training (`vision.pretrain_vision_encoder`): it trains a
     classifier head on the ViT alone, which no recipe builder (they train the VLM) fits."""
-    return TrainingArguments(output_dir=str(output_dir), max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine",
-                             warmup_steps=max(1, steps // 20), weight_decay=0.0, per_device_train_batch_size=batch_size,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
-                             data_seed=seed, dataloader_num_workers=0)
+    return TrainingArguments(output_dir=str(output_dir), max_steps=steps, learning_rate=1e-3,
+                             lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+                             per_device_train_batch_size=batch_size, logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0)
 
 
 def train_stage(trainer, description: str) -> list[tuple[int, float]]:
@@ -465,7 +467,8 @@ def _run_stages(output_dir: Path, fast: bool, seed: int, png: bool, chat: bool, 
          f"{config.text_config.num_hidden_layers}), {len(tokenizer)}-token BPE, {config.image_seq_length} image tokens "
          f"per {config.force_image_size}-px image, V2PE {config.v2pe_mode}")
     counts = Counter(group_of(q) for q in held_out)
-    _log(f"held-out: {size.eval_reasoning} reasoning ({', '.join(f'{counts[t]} {t}' for t in tasks.REASONING_TEMPLATES)}), "
+    per_template = ", ".join(f"{counts[t]} {t}" for t in tasks.REASONING_TEMPLATES)
+    _log(f"held-out: {size.eval_reasoning} reasoning ({per_template}), "
          f"{sum(counts[k] for k in tasks.PERCEPTION_KINDS)} perception, {counts['text']} text-only questions")
     stages: list[StageResult] = []
 

@@ -70,8 +70,9 @@ def _difference(after: Sequence[bool], before: Sequence[bool]) -> str:
     return f"{100 * mean:+.1f} ({100 * low:+.1f} … {100 * high:+.1f})"
 
 
-HEADER = ("stage", "reasoning (held-out)", "95 % interval", "Δ reasoning vs the stage above, points (paired 95 % interval)",
-          *tasks.REASONING_TEMPLATES, "perception", "text-only")
+HEADER = ("stage", "reasoning (held-out)", "95 % interval",
+          "Δ reasoning vs the stage above, points (paired 95 % interval)", *tasks.REASONING_TEMPLATES, "perception",
+          "text-only")
 
 
 def format_table(report) -> str:
@@ -87,7 +88,8 @@ def format_table(report) -> str:
         previous = stage
     bon = report.extra.get("bon", {})
     n = report.extra.get("bon_n", "N")
-    for name, label in (("prm_vote", "(same candidates: PRM-weighted vote)"), ("majority", "(same candidates: majority vote)"),
+    for name, label in (("prm_vote", "(same candidates: PRM-weighted vote)"),
+                        ("majority", "(same candidates: majority vote)"),
                         ("pass", f"(pass@{n}: a right answer among the {n})")):
         if name in bon:
             lines.append(_row(label, bon[name], ""))
@@ -129,7 +131,8 @@ def _footer(report) -> str:
                      f"slip ({tasks.SLIP_RATE:.0%} of the `{tasks.SLIP_TEMPLATE}` ones)")
     if "mpo_pairs" in extra:
         stats = extra["mpo_pairs"]
-        lines.append(f"MPO pairs from {stats['mixed']} of {stats['questions']} questions with sound and unsound samples")
+        lines.append(f"MPO pairs from {stats['mixed']} of {stats['questions']} questions with sound and unsound "
+                     "samples")
     if "critic_auc" in extra:
         lines.append("critic step AUC (right vs wrong held-out steps; 0.5 = blind): " + ", ".join(
             f"{group} {value:.2f}" for group, value in extra["critic_auc"].items()))

@@ -112,7 +112,8 @@ class Question:
     answer: str
     solution: str
     scene: Scene | None = None
-    facts: dict = field(default_factory=dict)  # what a step-by-step solution needs (`reasoning`: template, colours, counts)
+    # what a step-by-step solution needs (`reasoning`: template, colours, counts)
+    facts: dict = field(default_factory=dict)
 
     @property
     def has_image(self) -> bool:
@@ -194,7 +195,8 @@ def visual_question(scene: Scene, kind: str, rng: random.Random, template: str |
         colour = rng.choice(sorted({s.colour for s in scene.shapes}) if rng.random() < 0.8 else list(COLOURS))
         total = str(scene.count(colour))
         # answered as a reasoning step counts: naming the colour asked, so that naming it is learned with counting it
-        return Question(kind, f"How many {colour} shapes are there?", total, count_step(colour, scene.count(colour)), scene)
+        solution = count_step(colour, scene.count(colour))
+        return Question(kind, f"How many {colour} shapes are there?", total, solution, scene)
     if kind == REASONING:
         return reasoning_question(scene, template or rng.choice(REASONING_TEMPLATES), rng)
     raise ValueError(f"unknown question kind {kind!r}")
@@ -330,7 +332,8 @@ def corrupted_solution(question: Question, rng: random.Random) -> tuple[list[str
     every step from the first wrong one on is `-` (a later step that follows consistently from a wrong one is still
     part of a wrong process).
     """
-    template, colours, counts = question.facts["template"], list(question.facts["colours"]), list(question.facts["counts"])
+    facts = question.facts
+    template, colours, counts = facts["template"], list(facts["colours"]), list(facts["counts"])
     operations = TEMPLATES[template][2]
     where = rng.choice(CORRUPTIONS)
     reads, results, final, bad_from = {}, {}, None, None
