@@ -43,7 +43,8 @@ CPU_ONLY = {"bf16": False, "use_cpu": True, "deepspeed": None, "fsdp": "", "fsdp
 
 
 def recipe_class(path: str) -> type:
-    return MPORecipe if "mpo" in Path(path).stem else SFTRecipe
+    stem = Path(path).stem
+    return MPORecipe if "mpo" in stem or stem == "critic" else SFTRecipe  # the demo's critic is trained by MPO
 
 
 @pytest.mark.parametrize("path", RECIPES)

@@ -614,7 +614,8 @@ def test_remote_code_reload_of_a_converted_official_checkpoint(official_dir, tmp
     assert result["module"].startswith("transformers_modules.") and result["image_token_id"] == 5
     with torch.no_grad():
         expected = reference(**_image_inputs(AutoProcessor.from_pretrained(directory))).logits[0, -1]
-    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=0, atol=1e-6)
+    # another process may use another thread count, so the float32 sums may round differently
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=0, atol=1e-5)
 
 
 def test_official_img_context_token_id_attribute_is_the_config_field(official_dir, specials_first_tokenizer):
