@@ -122,10 +122,11 @@ KERNEL_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU
 
 @contextmanager
 def reproducible(seed: int) -> Iterator[str]:
-    """Fix what the demo's numbers depend on for the run (the thread count restored afterwards): the thread count,
-    the kernels' instruction set (where torch has not run a kernel yet in this process) and the seed; yields a line
-    saying what is in effect. `torch.use_deterministic_algorithms` is left off: the demo's CPU kernels give the same
-    bits run after run at a fixed thread count, and the flag made the ViT's training 5 times slower."""
+    """Fix what the demo's numbers depend on for the run (thread count and environment restored afterwards): the
+    thread count, the kernels' instruction set (where torch has not run a kernel yet in this process) and the seed;
+    yields a line saying what is in effect. `torch.use_deterministic_algorithms` is left off: the demo's CPU kernels
+    give the same bits run after run at a fixed thread count, and the flag made the ViT's training 5 times slower."""
+    saved = {name: os.environ.get(name) for name in KERNEL_ISA}
     for name, value in KERNEL_ISA.items():
         os.environ.setdefault(name, value)
     threads = torch.get_num_threads()
@@ -137,6 +138,12 @@ def reproducible(seed: int) -> Iterator[str]:
                f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']})")
     finally:
         torch.set_num_threads(threads)
+        # the caller's process keeps its own settings: torch.compile's C++ kernels read ATEN_CPU_CAPABILITY too
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------------------- results
