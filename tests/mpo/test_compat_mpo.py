@@ -17,7 +17,7 @@ from internvl3_hf.mpo import preference_dataset  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
 from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
 
-CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
+from mpo_helpers import CPU  # noqa: E402
 
 
 def test_trl_refuses_precomputed_reference_for_vision_datasets(model_factory, tokenizer, tmp_path):

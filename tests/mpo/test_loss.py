@@ -15,21 +15,10 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from internvl3_hf.mpo import MPOConfig, MPODataCollator, MPOTrainer, PreferencePair, preference_dataset  # noqa: E402
 from internvl3_hf.mpo.data import synthetic_preference_pairs  # noqa: E402
 from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
-
-CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
+from mpo_helpers import CPU, perturbed  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(model, scale: float, seed: int):
-    """A copy of `model` with every weight moved by `scale`·N(0, 1): a policy some way from its reference."""
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
 
 
 @pytest.fixture

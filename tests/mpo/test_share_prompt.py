@@ -15,22 +15,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from internvl3_hf.mpo import MPOConfig, MPODataCollator, MPOTrainer, PreferencePair, preference_dataset  # noqa: E402
 from internvl3_hf.mpo.data import CHOSEN_SEGMENT, REJECTED_SEGMENT, synthetic_preference_pairs  # noqa: E402
 from internvl3_hf.modeling.processing_internvl3 import processor_for_config  # noqa: E402
+from mpo_helpers import CPU, perturbed  # noqa: E402
 
-CPU = {"use_cpu": True, "bf16": False, "report_to": [], "gradient_checkpointing": False}
 COMPARED_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(model, scale: float, seed: int):
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def pairs_with_images():
