@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..chat import build_messages
 from .critic import Critic
-from .prm import as_image_list, check_critic_text
+from .prm import as_image_list, check_critic_text, row_positions
 
 STRATEGIES = ("prm", "orm", "prm_vote", "majority")
 
@@ -243,9 +243,8 @@ def generate_with_shared_prefill(model, inputs: Mapping[str, torch.Tensor], n: i
     if n == 1 or input_ids.shape[1] < 2:
         return model.generate(**inputs, num_return_sequences=n, **generate_kwargs)
     prefix = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    rope_position_ids = _v2pe_prompt_positions(model, input_ids, attention_mask)
-    if rope_position_ids is not None:
+    position_ids, rope_position_ids = row_positions(model, input_ids, attention_mask)
+    if model.config.v2pe_mode != "none":  # without V2PE the prefill keeps transformers' own rotary path
         prefix["rope_position_ids"] = rope_position_ids[:, :-1]
     cache = DynamicCache(config=model.config.get_text_config())
     model(
@@ -259,15 +258,6 @@ def generate_with_shared_prefill(model, inputs: Mapping[str, torch.Tensor], n: i
         past_key_values=cache,
         **generate_kwargs,
     )
-
-
-def _v2pe_prompt_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """The prompts' V2PE rotary positions, as `generate` computes them; `None` without V2PE."""
-    if getattr(model.config, "v2pe_mode", "none") == "none":
-        return None
-    image_token_mask = model.model.get_placeholder_mask(input_ids, None)
-    rope_position_ids, _ = model.model.v2pe_positions(image_token_mask, attention_mask)
-    return rope_position_ids
 
 
 def _decode_candidate(processor, tokens: list[int], eos_ids: set[int]) -> Candidate:
